@@ -10,3 +10,60 @@ from absl import flags  # noqa: E402
 # grain reads absl flags in worker processes; outside absl.app.run they must be marked parsed.
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def write_tiny_raw_dataset(directory, n_images=90, size=40, seed=0):
+    """PNG files whose label is visible (a bright square), as a RawTable with 2 labels + a mask."""
+    from cxrjax.data.table import RawTable
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_images):
+        square, stripe = rng.random() < 0.4, rng.random() < 0.5
+        pixels = rng.integers(0, 60, (size, size + 4)).astype(np.uint8)
+        if square:
+            pixels[5:20, 5:20] = 230
+        if stripe:
+            pixels[:, -8:-4] = 200
+        path = directory / f"img{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        rows.append(
+            {
+                "image_id": f"img{i:03d}",
+                "path": str(path),
+                "patient_id": f"patient{i // 2}",
+                "split": "",
+                "square": float(square),
+                "stripe": np.nan if i % 10 == 0 else float(stripe),
+            }
+        )
+    return RawTable("tiny", ["square", "stripe"], pd.DataFrame(rows))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Prepared shards of a 90-image dataset at 32 px (train/val/test, nested 0.5 subset)."""
+    from cxrjax.data.images import PreprocessOptions
+    from cxrjax.data.prepare import prepare_dataset
+
+    raw = tmp_path_factory.mktemp("raw")
+    out = tmp_path_factory.mktemp("shards")
+    table = write_tiny_raw_dataset(raw)
+    prepare_dataset(
+        table,
+        out,
+        options=PreprocessOptions(size=32),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        train_fractions=(0.5,),
+        seed=0,
+        salt="test",
+        workers=1,
+    )
+    return out

@@ -1,0 +1,83 @@
+"""Defaults every experiment config starts from (the study's settings), and config-argument parsing.
+
+Config files in `configs/` are plain `get_config(arg)` functions; `arg` is the text after the colon
+in `--config configs/x.py:dataset=vindr,fraction=0.1`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+DATASETS = ("vindr", "chestxray14", "chexpert", "mimic", "padchest", "csv")
+
+
+def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
+    """'a=1,b=x' -> {'a': '1', 'b': 'x'} over `defaults`; unknown keys are an error."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"config argument {item!r}: expected key=value with key in {sorted(defaults)}"
+            )
+        out[key] = value
+    return out
+
+
+def data_root() -> str:
+    return os.environ.get("CXRJAX_DATA", "data")
+
+
+def weights_root() -> str:
+    return os.environ.get("CXRJAX_WEIGHTS", "weights")
+
+
+def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset {dataset!r}: use one of {DATASETS}")
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment
+    c.init = experiment
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = dataset
+    c.data.dir = f"{data_root()}/{dataset}"
+    c.data.labels = ()  # empty: every label in the shards
+    c.data.train_fraction = 1.0
+    c.data.worker_count = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "vit_b16_in21k"
+    c.model.init_from = ""
+    c.model.dtype = "bfloat16"
+    c.model.dropout = 0.0
+    c.model.drop_path = 0.0
+    c.model.remat = False
+    c.model.head_zero_init = False
+
+    c.input = ml_collections.ConfigDict()
+    c.input.normalization = "unit"  # the study fed [0, 1] images; "pretrained" uses the source's
+    c.input.flip_prob = 0.5
+    c.input.max_rotation = 7.0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.pos_weight = True
+
+    c.batch_size = 32
+    c.eval_batch_size = 128
+    c.epochs = 100
+    c.lr = 1e-5
+    c.wd = 0.0
+    c.schedule = "constant"
+    c.warmup_steps = 0
+    c.grad_clip = 0.0
+    c.fsdp = False
+
+    c.log_every_steps = 50
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    return c

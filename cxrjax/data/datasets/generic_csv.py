@@ -1,0 +1,130 @@
+"""Generic CSV format for private collections such as UKA-CXR.
+
+One row per image: `path` (absolute, or relative to the image root), `patient_id`, optional
+`image_id` (default: the path as written) and `split` (train / val / test, blank = assign), and
+label columns. Graded labels (e.g. 0-4 severity) become binary with `grade >= threshold`; blank
+cells are unknown (NaN, masked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.data.datasets._common import MetadataError, as_table_frame, read_csv_checked
+from cxrjax.data.table import RawTable
+
+RESERVED = ("path", "patient_id", "image_id", "split")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validate": "val",
+    "validation": "val",
+    "test": "test",
+    "": "",
+}
+
+
+def _binary_labels(
+    frame: pd.DataFrame, names: list[str], threshold: float | None, csv: Path
+) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        raw = frame[name]
+        blank = raw.isna() | (raw.astype(str).str.strip() == "")
+        values = pd.to_numeric(raw.where(~blank), errors="coerce")
+        bad = ~blank & values.isna()
+        if bad.any():
+            raise MetadataError(
+                f"{csv}: label column {name!r} holds non-numeric value {raw[bad].iloc[0]!r}; "
+                "labels must be numbers (0/1, or grades with --threshold) or blank"
+            )
+        if threshold is None:
+            if not values.dropna().isin([0.0, 1.0]).all():
+                example = values[~values.isin([0.0, 1.0]) & values.notna()].iloc[0]
+                raise MetadataError(
+                    f"{csv}: label column {name!r} holds {example!r}, not 0/1; pass --threshold "
+                    "to binarise graded labels, or --labels to choose only the label columns"
+                )
+            binary = values
+        else:
+            binary = (values >= threshold).astype(np.float32).where(values.notna())
+        out[name] = binary.to_numpy(dtype=np.float32)
+    return out
+
+
+def read_csv(
+    raw: Path,
+    *,
+    csv: Path | None = None,
+    labels: list[str] | None = None,
+    threshold: float | None = None,
+) -> RawTable:
+    """Reads a generic labels CSV.
+
+    raw: the CSV itself, or a folder holding `labels.csv` (or `csv`). Relative image paths are
+      resolved against `raw` when it is a folder, else against the CSV's folder.
+    labels: label columns; None takes every numeric column other than path, patient_id,
+      image_id and split.
+    threshold: graded labels become `value >= threshold`; None requires 0/1 values.
+    """
+    raw = Path(raw).expanduser().resolve()
+    if raw.is_file():
+        csv_path, root = raw, raw.parent
+    elif raw.is_dir():
+        csv_path = Path(csv).expanduser().resolve() if csv is not None else raw / "labels.csv"
+        root = raw
+    else:
+        raise MetadataError(f"{raw}: no such file or folder; pass the labels CSV or its folder")
+    if not csv_path.is_file():
+        raise MetadataError(f"{csv_path}: labels CSV not found; pass --csv or put labels.csv there")
+    # Read as text so identifiers keep their leading zeros; labels are parsed explicitly.
+    frame = read_csv_checked(
+        csv_path, ["path", "patient_id", *(labels or [])], dtype=str, keep_default_na=False
+    )
+    if frame.empty:
+        raise MetadataError(f"{csv_path}: has no rows")
+    if labels is None:
+        candidates = [c for c in frame.columns if c not in RESERVED]
+        labels = [
+            c
+            for c in candidates
+            if pd.to_numeric(frame[c].replace("", np.nan), errors="coerce").notna().sum()
+            == (frame[c] != "").sum()
+            and (frame[c] != "").any()
+        ]
+        if not labels:
+            raise MetadataError(f"{csv_path}: no numeric label column; pass --labels")
+    label_values = _binary_labels(frame.replace("", np.nan), labels, threshold, csv_path)
+
+    paths = frame["path"].str.strip()
+    if (paths == "").any():
+        row = int(np.flatnonzero(paths == "")[0]) + 2
+        raise MetadataError(f"{csv_path}: line {row} has an empty path")
+    patients = frame["patient_id"].str.strip()
+    if (patients == "").any():
+        row = int(np.flatnonzero(patients == "")[0]) + 2
+        raise MetadataError(
+            f"{csv_path}: line {row} has an empty patient_id; every image needs one"
+        )
+    absolute = [str(p if p.is_absolute() else root / p) for p in map(Path, paths)]
+    image_ids = frame["image_id"].str.strip() if "image_id" in frame else paths
+    if "split" in frame:
+        split = frame["split"].str.strip().str.lower()
+        unknown = sorted(set(split) - set(_SPLIT_ALIASES))
+        if unknown:
+            raise MetadataError(
+                f"{csv_path}: column 'split' has {unknown}; use train, val, test or blank"
+            )
+        split = split.map(_SPLIT_ALIASES)
+    else:
+        split = [""] * len(frame)
+    table_frame = as_table_frame(image_ids, absolute, patients, split, label_values)
+    if table_frame["image_id"].duplicated().any():
+        dup = table_frame["image_id"][table_frame["image_id"].duplicated()].iloc[0]
+        raise MetadataError(f"{csv_path}: image {dup!r} is listed twice")
+    return RawTable("csv", list(labels), table_frame)

@@ -1,0 +1,120 @@
+"""PadChest: the 160K labels CSV + 16-bit PNGs in folders named by `ImageDir`."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.data.datasets._common import (
+    MetadataError,
+    as_table_frame,
+    find_file,
+    read_csv_checked,
+    select_labels,
+)
+from cxrjax.data.table import RawTable
+
+CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+FRONTAL_PROJECTIONS = ("PA", "AP", "AP_horizontal")
+# Canonical label name -> the exact PadChest terms (after stripping) that make it positive.
+# PadChest has no bare "hernia" or "congestion" term: the study's names match the one term
+# that carries the word ("hiatal hernia", "hilar congestion"). nodule_mass is either finding.
+TERMS = {
+    "cardiomegaly": ("cardiomegaly",),
+    "pleural_effusion": ("pleural effusion",),
+    "pneumonia": ("pneumonia",),
+    "atelectasis": ("atelectasis",),
+    "no_finding": ("normal",),
+    "consolidation": ("consolidation",),
+    "pneumothorax": ("pneumothorax",),
+    "emphysema": ("emphysema",),
+    "hernia": ("hiatal hernia",),
+    "scoliosis": ("scoliosis",),
+    "congestion": ("hilar congestion",),
+    "aortic_elongation": ("aortic elongation",),
+    "kyphosis": ("kyphosis",),
+    "COPD_signs": ("COPD signs",),
+    "pleural_thickening": ("pleural thickening",),
+    "nodule_mass": ("nodule", "mass"),
+    "infiltrates": ("infiltrates",),
+}
+STUDY_LABELS = tuple(TERMS)
+SUBSETS = {
+    "mimic_shared": (
+        "cardiomegaly",
+        "pleural_effusion",
+        "pneumonia",
+        "atelectasis",
+        "no_finding",
+        "consolidation",
+        "pneumothorax",
+    ),
+}
+
+
+def parse_labels(text: object, *, path: Path, row: int) -> set[str] | None:
+    """One `Labels` cell -> set of stripped terms; None for a blank (unlabelled) cell."""
+    if not isinstance(text, str):
+        return None
+    try:
+        # literal_eval only evaluates Python literals, so an odd cell cannot run code.
+        terms = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise MetadataError(
+            f"{path}: column 'Labels' row {row} is not a Python list string: {text[:60]!r}"
+        ) from e
+    if not isinstance(terms, list):
+        raise MetadataError(f"{path}: column 'Labels' row {row} is not a list: {text[:60]!r}")
+    return {str(t).strip() for t in terms} - {""}
+
+
+def read_padchest(
+    raw_dir: Path,
+    *,
+    labels: str | list[str] | None = None,
+    uncertain: str = "zeros",
+    projections: tuple[str, ...] = FRONTAL_PROJECTIONS,
+) -> RawTable:
+    """Reads PadChest's frontal (PA, AP, AP_horizontal) images.
+
+    A blank `Labels` cell (no report labels) keeps the image with every label masked; `['']`
+    is a labelled report with none of the findings. No official split: split "" everywhere.
+    `uncertain` is accepted for a uniform reader signature; PadChest has no uncertain code.
+    """
+    del uncertain
+    raw_dir = Path(raw_dir).expanduser().resolve()
+    csv_path = find_file(raw_dir, [CSV_NAME], "PadChest labels CSV")
+    frame = read_csv_checked(
+        csv_path,
+        ["ImageID", "ImageDir", "PatientID", "Projection", "Labels"],
+        usecols=["ImageID", "ImageDir", "PatientID", "Projection", "Labels"],
+        dtype={"ImageID": str, "ImageDir": str, "PatientID": str, "Projection": str},
+    )
+    names = select_labels(
+        labels, default=STUDY_LABELS, subsets=SUBSETS, available=tuple(TERMS), dataset="padchest"
+    )
+    frame = frame[frame["Projection"].isin(projections)].reset_index(drop=True)
+    if frame["ImageDir"].isna().any() or frame["PatientID"].isna().any():
+        raise MetadataError(f"{csv_path}: a frontal row lacks ImageDir or PatientID")
+    parsed = [parse_labels(text, path=csv_path, row=i) for i, text in enumerate(frame["Labels"])]
+    blank = np.array([terms is None for terms in parsed])
+    if blank.any():
+        logging.warning("%s: %d images have no labels; kept masked", csv_path, int(blank.sum()))
+    values = {}
+    for name in names:
+        wanted = set(TERMS[name])
+        column = np.array([bool(terms and terms & wanted) for terms in parsed], np.float32)
+        column[blank] = np.nan
+        values[name] = column
+    image_dir = pd.to_numeric(frame["ImageDir"], errors="coerce")
+    if image_dir.isna().any():
+        raise MetadataError(f"{csv_path}: column 'ImageDir' must be a folder number")
+    paths = [
+        str(raw_dir / str(int(d)) / i) for d, i in zip(image_dir, frame["ImageID"], strict=True)
+    ]
+    table = as_table_frame(frame["ImageID"], paths, frame["PatientID"], [""] * len(frame), values)
+    return RawTable("padchest", names, table)

@@ -1,0 +1,267 @@
+"""Bootstrap confidence for every metric, paired tests between models, Benjamini-Hochberg.
+
+A resample is a vector of multinomial counts over the cases (how often each case was drawn),
+so all resamples of one label are evaluated at once by `metrics.weighted_curve_stats` after a
+single sort; no per-resample Python loop. Drawing by patient draws patients with replacement and
+gives each image its patient's count, so correlated images of one patient move together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cxrjax.evaluation import metrics
+from cxrjax.evaluation.predictions import Predictions
+
+# Cap on resamples x cases evaluated at once: keeps the (R, n) work arrays in cache-friendly
+# chunks and memory bounded for large test sets (ChestX-ray14: 25,596 images).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def resample_counts(
+    n_cases: int, n_resamples: int = 1000, seed: int = 0, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """(R, n_cases) int32 counts: row r says how often each case appears in resample r.
+
+    With `groups` (one key per case, e.g. hashed patient ids) the groups are drawn with
+    replacement and each case takes its group's count.
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws, inverse = rng.integers(0, n_cases, (n_resamples, n_cases), dtype=np.int64), None
+        n_units = n_cases
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n_cases,):
+            raise ValueError(f"groups shape {groups.shape}, expected ({n_cases},)")
+        _, inverse = np.unique(groups, return_inverse=True)
+        n_units = int(inverse.max()) + 1 if n_cases else 0
+        draws = rng.integers(0, n_units, (n_resamples, n_units))
+    offsets = np.arange(n_resamples)[:, None] * n_units
+    counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_units)
+    counts = counts.reshape(n_resamples, n_units).astype(np.int32)
+    return counts if inverse is None else counts[:, inverse]
+
+
+def resampled_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    counts: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Every metric in metrics.ALL_METRICS as an (R, L) array, one row per row of `counts`.
+
+    Masked entries (mask False) are left out per label; a resample with one class left in a
+    label gives NaN there.
+    """
+    labels, scores, mask = metrics._check_2d(labels, scores, mask)
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != labels.shape[0]:
+        raise ValueError(f"counts shape {counts.shape} does not match {labels.shape[0]} cases")
+    n_res, num_labels = counts.shape[0], labels.shape[1]
+    out = {k: np.empty((n_res, num_labels)) for k in metrics.ALL_METRICS}
+    step = max(1, _CHUNK_ELEMENTS // max(1, labels.shape[0]))
+    for lo in range(0, n_res, step):
+        # Case-major so that selecting a label's known cases copies contiguous rows.
+        chunk = np.ascontiguousarray(counts[lo : lo + step].T)
+        for j in range(num_labels):
+            known = mask[:, j]
+            stats = metrics.weighted_curve_stats(labels[known, j], scores[known, j], chunk[known])
+            for k, v in stats.items():
+                out[k][lo : lo + step, j] = v
+    return out
+
+
+def summarize(samples: np.ndarray) -> dict[str, Any]:
+    """Mean, SD (ddof=1), 95% percentile interval and count of the non-NaN resamples (axis 0)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    valid = ~np.isnan(samples)
+    n_valid = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        filled = np.where(valid, samples, 0.0)
+        mean = filled.sum(axis=0) / n_valid
+        sd = np.sqrt(np.where(valid, samples - mean, 0.0).__pow__(2).sum(axis=0) / (n_valid - 1))
+    lo, hi = (np.full(samples.shape[1:], np.nan) for _ in range(2))
+    ok = n_valid > 0
+    if np.any(ok):
+        lo[ok], hi[ok] = np.nanpercentile(samples[:, ok], [2.5, 97.5], axis=0)
+    return {"mean": mean, "sd": sd, "ci_low": lo, "ci_high": hi, "n_valid": n_valid}
+
+
+def label_mean(per_label: np.ndarray, include: np.ndarray) -> np.ndarray:
+    """Mean over the `include`d labels (last axis), ignoring labels that are NaN in one resample."""
+    sub = np.asarray(per_label)[..., include]
+    with np.errstate(invalid="ignore"):
+        valid = ~np.isnan(sub)
+        return np.where(valid, sub, 0.0).sum(axis=-1) / valid.sum(axis=-1)
+
+
+@dataclasses.dataclass
+class BootstrapResult:
+    """Point estimates and bootstrap samples of every metric for one predictions set.
+
+    `point[m]` is (L,), `samples[m]` is (R, L). The label mean covers `included` labels (those
+    with both classes in the full split); `mean_point[m]` and `mean_samples[m]` hold it.
+    """
+
+    label_names: list[str]
+    point: dict[str, np.ndarray]
+    samples: dict[str, np.ndarray]
+    included: np.ndarray
+    n_resamples: int
+    seed: int
+    by_patient: bool
+
+    @property
+    def mean_point(self) -> dict[str, float]:
+        return {k: float(label_mean(v, self.included)) for k, v in self.point.items()}
+
+    @property
+    def mean_samples(self) -> dict[str, np.ndarray]:
+        return {k: label_mean(v, self.included) for k, v in self.samples.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON summary: per label and label mean, point estimate and bootstrap stats."""
+
+        def stats(point: float, samples: np.ndarray) -> dict[str, Any]:
+            s = summarize(samples[:, None])
+            return {"point": _num(point), **{k: _num(v[0]) for k, v in s.items()}}
+
+        per_label = {
+            name: {m: stats(self.point[m][j], self.samples[m][:, j]) for m in self.point}
+            for j, name in enumerate(self.label_names)
+        }
+        mean_point, mean_samples = self.mean_point, self.mean_samples
+        return {
+            "bootstrap": {
+                "n_resamples": self.n_resamples,
+                "seed": self.seed,
+                "by_patient": self.by_patient,
+                "interval": "95% percentile",
+                "sd_ddof": 1,
+            },
+            "labels_in_mean": [
+                n for n, inc in zip(self.label_names, self.included, strict=True) if inc
+            ],
+            "mean": {m: stats(mean_point[m], mean_samples[m]) for m in mean_point},
+            "per_label": per_label,
+        }
+
+
+def _num(x: float) -> float | int | None:
+    """JSON has no NaN: write null."""
+    if isinstance(x, np.integer):
+        return int(x)
+    return None if np.isnan(x) else float(x)
+
+
+def _counts_for(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:
+    if by_patient and preds.patients is None:
+        raise ValueError(
+            "by-patient bootstrap needs `patients` in the predictions file; write it with "
+            "hashed patient ids or drop --by-patient"
+        )
+    groups = preds.patients if by_patient else None
+    return resample_counts(len(preds.ids), n_resamples, seed, groups)
+
+
+def bootstrap(
+    preds: Predictions, n_resamples: int = 1000, seed: int = 0, by_patient: bool = False
+) -> BootstrapResult:
+    """Point estimates and `n_resamples` seeded bootstrap resamples of every metric."""
+    point = metrics.metrics_per_label(preds.labels, preds.probs, preds.mask, preds.label_names)
+    counts = _counts_for(preds, n_resamples, seed, by_patient)
+    samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask)
+    return BootstrapResult(
+        label_names=preds.label_names,
+        point=point,
+        samples=samples,
+        included=~np.isnan(point["auroc"]),
+        n_resamples=n_resamples,
+        seed=seed,
+        by_patient=by_patient,
+    )
+
+
+def check_paired(a: Predictions, b: Predictions, names: tuple[str, str] = ("A", "B")) -> None:
+    """Raise unless `a` and `b` hold the same cases in the same order with the same labels."""
+    na, nb = names
+    if a.label_names != b.label_names:
+        raise ValueError(
+            f"{na} and {nb} have different label_names: {a.label_names} vs {b.label_names}"
+        )
+    if a.ids.shape != b.ids.shape or not np.array_equal(a.ids, b.ids):
+        same_set = set(a.ids.tolist()) == set(b.ids.tolist())
+        hint = "same ids in a different order" if same_set else "different ids"
+        raise ValueError(
+            f"{na} and {nb} are not paired ({hint}); predict both models on the same split "
+            "with the same ordering before comparing"
+        )
+    if not np.array_equal(a.known, b.known) or not np.array_equal(
+        a.labels[a.known], b.labels[b.known]
+    ):
+        raise ValueError(f"{na} and {nb} disagree on the ground-truth labels or mask")
+
+
+@dataclasses.dataclass
+class PairedResult:
+    """One-sided paired bootstrap test of H1 'A has the higher AUROC'.
+
+    `p_label[j]` (and `p_mean`) is the fraction of shared resamples where A's AUROC <= B's,
+    among resamples where both are defined.
+    """
+
+    a: BootstrapResult
+    b: BootstrapResult
+    p_label: np.ndarray
+    p_mean: float
+
+
+def p_value(auc_a: np.ndarray, auc_b: np.ndarray) -> np.ndarray:
+    """Fraction of resamples (axis 0) with auc_a <= auc_b, over resamples where both are defined."""
+    valid = ~(np.isnan(auc_a) | np.isnan(auc_b))
+    with np.errstate(invalid="ignore"):
+        return ((auc_a <= auc_b) & valid).sum(axis=0) / valid.sum(axis=0)
+
+
+def paired_bootstrap(
+    a: Predictions,
+    b: Predictions,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    by_patient: bool = False,
+    names: tuple[str, str] = ("A", "B"),
+) -> PairedResult:
+    """Bootstrap both models on the same resamples and test whether A's AUROC exceeds B's."""
+    check_paired(a, b, names)
+    if by_patient and not np.array_equal(a.patients, b.patients):
+        raise ValueError(f"{names[0]} and {names[1]} disagree on patients; cannot pair by patient")
+    res_a = bootstrap(a, n_resamples, seed, by_patient)
+    res_b = bootstrap(b, n_resamples, seed, by_patient)
+    auc_a, auc_b = res_a.samples["auroc"], res_b.samples["auroc"]
+    p_label = p_value(auc_a, auc_b)
+    p_label[~res_a.included] = np.nan
+    p_mean = float(p_value(res_a.mean_samples["auroc"], res_b.mean_samples["auroc"]))
+    return PairedResult(a=res_a, b=res_b, p_label=p_label, p_mean=p_mean)
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (FDR); NaN entries stay NaN and are not counted."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    vals = p[ok]
+    m = vals.size
+    if m == 0:
+        return out
+    order = np.argsort(vals)
+    scaled = vals[order] * m / np.arange(1, m + 1)
+    # Step-up: each adjusted value is the smallest scaled value at its rank or above.
+    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    sub = np.empty(m)
+    sub[order] = adjusted
+    out[ok] = sub
+    return out

@@ -1,0 +1,129 @@
+"""The predictions file: one `.npz` per evaluated split, written by the trainer or any other tool.
+
+Keys: `labels` (N, L float, 0/1; any value where masked), `probs` (N, L float), optional `mask`
+(N, L bool, True = label known), `label_names` (L str), `ids` (N str, salted hashes of image ids),
+optional `patients` (N str, salted hashes of patient ids, for the patient-level bootstrap).
+Strings are stored as fixed-width unicode arrays so the file loads with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+_REQUIRED = ("labels", "probs", "label_names", "ids")
+_OPTIONAL = ("mask", "patients")
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Labels and predicted probabilities of one split, aligned by row.
+
+    `mask=None` means every label is known, unless `labels` holds NaN: then NaN marks unknown.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray
+    label_names: list[str]
+    ids: np.ndarray
+    mask: np.ndarray | None = None
+    patients: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.float64)
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        self.label_names = [str(n) for n in self.label_names]
+        self.ids = np.asarray(self.ids).astype(str)
+        if self.mask is None and np.isnan(self.labels).any():
+            self.mask = ~np.isnan(self.labels)
+        if self.mask is not None:
+            self.mask = np.asarray(self.mask, dtype=bool)
+        if self.patients is not None:
+            self.patients = np.asarray(self.patients).astype(str)
+        self.validate()
+
+    @property
+    def known(self) -> np.ndarray:
+        """(N, L) bool, True where the label is known."""
+        return np.ones(self.labels.shape, bool) if self.mask is None else self.mask
+
+    def validate(self, source: str = "predictions") -> None:
+        """Raise ValueError naming `source` and the fix when fields disagree or hold bad values."""
+        if self.labels.ndim != 2:
+            raise ValueError(f"{source}: labels must be (N, L), got shape {self.labels.shape}")
+        n, num_labels = self.labels.shape
+        if self.probs.shape != (n, num_labels):
+            raise ValueError(
+                f"{source}: probs shape {self.probs.shape} != labels shape {(n, num_labels)}"
+            )
+        if len(self.label_names) != num_labels:
+            raise ValueError(
+                f"{source}: {len(self.label_names)} label_names for {num_labels} label columns"
+            )
+        if len(set(self.label_names)) != num_labels:
+            raise ValueError(f"{source}: label_names repeat a name: {self.label_names}")
+        if self.ids.shape != (n,):
+            raise ValueError(f"{source}: ids shape {self.ids.shape}, expected ({n},)")
+        if len(np.unique(self.ids)) != n:
+            raise ValueError(f"{source}: ids are not unique; each row must be one image")
+        if self.mask is not None and self.mask.shape != (n, num_labels):
+            raise ValueError(f"{source}: mask shape {self.mask.shape} != labels shape")
+        if self.patients is not None and self.patients.shape != (n,):
+            raise ValueError(f"{source}: patients shape {self.patients.shape}, expected ({n},)")
+        known = self.known
+        if not np.all(np.isin(self.labels[known], (0.0, 1.0))):
+            bad = np.unique(self.labels[known][~np.isin(self.labels[known], (0.0, 1.0))])[:5]
+            raise ValueError(
+                f"{source}: known labels must be 0 or 1, found {bad.tolist()}; binarise them or "
+                "set mask False for unknown entries"
+            )
+        if not np.all(np.isfinite(self.probs[known])):
+            raise ValueError(f"{source}: probs are NaN or inf where the label is known")
+
+
+def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
+    """Write `preds` to `path` (.npz, uncompressed) after validating it."""
+    preds.validate(str(path))
+    arrays = {
+        "labels": preds.labels,
+        "probs": preds.probs,
+        "label_names": np.asarray(preds.label_names, dtype=str),
+        "ids": preds.ids.astype(str),
+    }
+    if preds.mask is not None:
+        arrays["mask"] = preds.mask
+    if preds.patients is not None:
+        arrays["patients"] = preds.patients.astype(str)
+    # np.savez appends .npz to names lacking it; open the file ourselves so `path` is exact.
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_predictions(path: str | os.PathLike) -> Predictions:
+    """Read and validate a predictions file; never unpickles."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as e:
+        raise ValueError(
+            f"{path}: holds object arrays ({e}); store strings as str arrays, not objects"
+        ) from e
+    missing = [k for k in _REQUIRED if k not in arrays]
+    if missing:
+        raise ValueError(
+            f"{path}: missing keys {missing}; a predictions file needs {list(_REQUIRED)} "
+            f"and may hold {list(_OPTIONAL)}"
+        )
+    try:
+        return Predictions(
+            labels=arrays["labels"],
+            probs=arrays["probs"],
+            label_names=arrays["label_names"].tolist(),
+            ids=arrays["ids"],
+            mask=arrays.get("mask"),
+            patients=arrays.get("patients"),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,66 @@
+"""Entry point: `python -m cxrjax.main --config configs/ssl_nonmed.py:dataset=vindr --workdir W`.
+
+Multi-host: `jax.distributed` is initialised from --coordinator_address/--num_processes/--process_id,
+or automatically on SLURM (more than one task) and Cloud TPU VM slices.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<experiment>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _initialize_distributed() -> None:
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
+        "TPU_WORKER_HOSTNAMES", ""
+    ):
+        jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    _initialize_distributed()
+    # Imported here so that `--help` and config errors answer without loading the model code.
+    from cxrjax import train
+
+    workdir = _WORKDIR.value or f"runs/{config.experiment}"
+    logging.info("workdir %s, %d processes, %d devices", workdir, jax.process_count(), jax.device_count())
+    if config.data.get("demo_patients"):
+        from cxrjax.data.demo import ensure_demo_dataset
+
+        with config.unlocked():
+            config.data.dir = config.data.dir or os.path.join(workdir, "data")
+        if jax.process_index() == 0:
+            ensure_demo_dataset(
+                config.data.dir,
+                patients=config.data.demo_patients,
+                image_size=config.data.demo_image_size,
+            )
+    try:
+        results = train.train_and_evaluate(config, workdir)
+    except train.MissingInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for split in ("val", "test"):
+        if split in results:
+            print(f"{split} mean AUROC: {results[split]['mean_auroc']:.4f}", flush=True)
+    print(f"results: {os.path.join(workdir, 'results.json')}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,378 @@
+"""The trainer: shards -> jitted, sharded train steps -> validation -> checkpoints -> test results.
+
+`train_and_evaluate` reads top to bottom as the run goes: data, model, state, restore, loop,
+final evaluation. State is a plain dict pytree (`step`, `params`, `opt_state`) that `jax.jit`
+receives with explicit shardings and donates back each step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+from jax.experimental import multihost_utils
+
+from cxrjax import checkpoint, optim, sharding
+from cxrjax.data import pipeline, shards
+from cxrjax.evaluation.metrics import auroc_per_label
+from cxrjax.evaluation.predictions import Predictions, save_predictions
+from cxrjax.metric_writer import MetricWriter
+from cxrjax.models import create_model, get_spec
+
+CONFIG_FILE = "config.json"
+
+
+class MissingInputError(RuntimeError):
+    """A dataset or checkpoint the config names does not exist; the message says how to make it."""
+
+
+def open_dataset(config: ml_collections.ConfigDict) -> shards.DatasetInfo:
+    directory = Path(config.data.dir)
+    try:
+        return shards.load_info(directory)
+    except FileNotFoundError:
+        raise MissingInputError(
+            f"no prepared dataset at {directory} (missing {directory / shards.INFO_FILE}).\n"
+            f"Create it with:\n  python tools/prepare_data.py --dataset {config.data.dataset} "
+            f"--raw /path/to/raw/{config.data.dataset} --out {directory}\n"
+            "or point the config at prepared shards with --config.data.dir=DIR"
+        ) from None
+
+
+def check_pretrained(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, before any compilation, when the configured initial weights are absent."""
+    path = config.model.init_from
+    if path and not Path(path).exists():
+        sources = get_spec(config.model.variant).sources
+        source = next(iter(sources.values()), "SOURCE")
+        raise MissingInputError(
+            f"no converted weights at {path}.\nCreate them with:\n  python tools/convert_checkpoint.py "
+            f"{source} --variant {config.model.variant} --out {path}\n"
+            "(or set --config.model.init_from=PATH, or '' to train from scratch)"
+        )
+
+
+def build_model(config: ml_collections.ConfigDict, num_labels: int, image_size: int):
+    m = config.model
+    return create_model(
+        m.variant,
+        num_labels,
+        image_size=image_size,
+        dtype=m.dtype,
+        dropout=m.dropout,
+        drop_path=m.drop_path,
+        remat=m.remat,
+        head_zero_init=m.head_zero_init,
+    )
+
+
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """uint8 (B, H, W) grayscale -> float32 (B, H, W, 3): runs on the device, inside the step."""
+    x = images.astype(jnp.float32)[..., None] / 255.0
+    return (jnp.broadcast_to(x, (*x.shape[:-1], 3)) - mean) / std
+
+
+def input_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """[0, 1] inputs as in the study, or the normalisation the pretrained weights expect."""
+    if config.input.normalization == "unit":
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    if config.input.normalization == "pretrained":
+        spec = get_spec(config.model.variant)
+        return np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    raise ValueError(
+        f"config.input.normalization={config.input.normalization!r}: use 'unit' or 'pretrained'"
+    )
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: jax.Array):
+    """Binary cross-entropy with per-label `pos_weight`, averaged over known labels only."""
+    logits = logits.astype(jnp.float32)
+    per_entry = pos_weight * labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(
+        logits
+    )
+    return jnp.sum(per_entry * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_train_step(model, tx, mean, std, pos_weight, base_rng):
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        images = normalize(batch["image"], mean, std)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+            return bce_loss(logits, batch["labels"], batch["mask"], pos_weight)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def make_predict_step(model, mean, std):
+    def predict_step(params, batch):
+        logits = model.apply({"params": params}, normalize(batch["image"], mean, std), train=False)
+        return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+    return predict_step
+
+
+def _gather(x: np.ndarray | jax.Array) -> np.ndarray:
+    """A process-local (or globally sharded) array, concatenated over processes."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict(
+    predict_step, params, info: shards.DatasetInfo, split: str, config, label_indices, mesh
+) -> Predictions:
+    """Probabilities for every example of `split`, each exactly once (padding dropped)."""
+    rows = {k: [] for k in ("probs", "labels", "mask", "valid", "id", "patient")}
+    batches = pipeline.eval_batches(
+        info, split, batch_size=config.eval_batch_size, label_indices=label_indices
+    )
+    for batch in batches:
+        probs = predict_step(params, pipeline.to_device(batch, sharding.data_sharding(mesh)))
+        rows["probs"].append(_gather(probs))
+        for key in ("labels", "mask", "valid"):
+            rows[key].append(_gather(batch[key]))
+        for key in ("id", "patient"):
+            # Fixed-width bytes gather across processes; salted hashes are 16 ASCII characters.
+            codes = np.frombuffer(batch[key].astype("S16").tobytes(), np.uint8).reshape(-1, 16)
+            rows[key].append(_gather(codes).view("S16")[:, 0].astype(str))
+    out = {k: np.concatenate(v) for k, v in rows.items()}
+    valid = out["valid"]
+    names = [info.label_names[i] for i in label_indices]
+    return Predictions(
+        labels=out["labels"][valid],
+        probs=out["probs"][valid],
+        label_names=names,
+        ids=out["id"][valid],
+        mask=out["mask"][valid],
+        patients=out["patient"][valid],
+    )
+
+
+def summarize(preds: Predictions) -> dict[str, Any]:
+    aurocs = auroc_per_label(preds.labels, preds.probs, preds.mask)
+    return {
+        "mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
+        "auroc": dict(zip(preds.label_names, map(float, aurocs), strict=True)),
+        "num_examples": len(preds.ids),
+    }
+
+
+class _Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so the step in flight finishes and saves."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("signal %d: saving a checkpoint, then exiting", signum)
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """True on every process once any was signalled (agreed every 10 steps across hosts)."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % 10:
+            return False
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _init_state(config, model, tx, image_size, mesh, rng, num_labels):
+    """Initialises (and, if configured, loads pretrained weights into) the sharded train state."""
+
+    def init(rng):
+        params = model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3)))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init, rng)
+    shardings = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    if config.model.init_from:
+        from cxrjax.models.pretrained import load_pretrained
+
+        params, report = load_pretrained(
+            config.model.init_from,
+            jax.device_get(state["params"]),
+            variant=config.model.variant,
+            image_size=image_size,
+        )
+        logging.info("pretrained weights from %s:\n%s", config.model.init_from, report)
+        params = jax.device_put(params, shardings["params"])
+        state = jax.jit(
+            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+            out_shardings=shardings,
+        )(params)
+    return state, shardings
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = open_dataset(config)
+    check_pretrained(config)
+    label_indices = info.label_indices(config.data.labels)
+    label_names = [info.label_names[i] for i in label_indices]
+    num_train = pipeline.num_train_examples(info, config.data.train_fraction)
+    steps_per_epoch = num_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    if jax.process_index() == 0:
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh()
+    model = build_model(config, len(label_indices), info.image_size)
+    tx = optim.make_optimizer(config, total_steps)
+    rng = jax.random.key(config.seed)
+    state, state_shardings = _init_state(
+        config, model, tx, info.image_size, mesh, rng, len(label_indices)
+    )
+    parameter_overview.log_parameter_overview(state["params"])
+
+    mean, std = (jnp.asarray(v) for v in input_stats(config))
+    pos_weight = jnp.asarray(np.asarray(info.pos_weight, np.float32)[label_indices])
+    if not config.loss.pos_weight:
+        pos_weight = jnp.ones_like(pos_weight)
+    data = sharding.data_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model, tx, mean, std, pos_weight, jax.random.fold_in(rng, 1)),
+        in_shardings=(state_shardings, data),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    predict_step = jax.jit(
+        make_predict_step(model, mean, std),
+        in_shardings=(state_shardings["params"], data),
+        out_shardings=data,
+    )
+    evaluate = functools.partial(
+        predict, predict_step, info=info, config=config, label_indices=label_indices, mesh=mesh
+    )
+
+    loader = pipeline.train_loader(
+        info,
+        batch_size=config.batch_size,
+        label_indices=label_indices,
+        seed=config.seed,
+        fraction=config.data.train_fraction,
+        augment=pipeline.Augment(config.input.flip_prob, config.input.max_rotation),
+        worker_count=config.data.worker_count,
+    )
+    train_iter = iter(loader)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore_latest(checkpoint.abstract(state, state_shardings), train_iter)
+        logging.info("resumed from step %d in %s", int(state["step"]), workdir)
+    start_step = int(state["step"])
+    writer = MetricWriter(workdir)
+    preemption = _Preemption()
+    batches = pipeline.prefetch_to_device(train_iter, data)
+
+    step, timer, seen = start_step, time.time(), 0
+    iterator_state = train_iter.get_state()
+    while step < total_steps:
+        batch, iterator_state = next(batches)
+        state, metrics = train_step(state, batch)
+        step += 1
+        seen += config.batch_size
+        if step % config.log_every_steps == 0 or step == total_steps:
+            elapsed = time.time() - timer
+            rate = seen / elapsed
+            writer.scalars(
+                step,
+                {
+                    **{k: float(v) for k, v in metrics.items()},
+                    "images_per_s": rate,
+                    "epoch": step / steps_per_epoch,
+                    "eta_min": (total_steps - step) * config.batch_size / rate / 60,
+                },
+            )
+            timer, seen = time.time(), 0
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0:
+            val = summarize(evaluate(state["params"], split="val"))
+            writer.scalars(step, _flat("val", val))
+            ckpt.save_best(step, state["params"], val["mean_auroc"])
+        stop = preemption.should_stop(step)
+        if epoch_end or step % config.checkpoint_every_steps == 0 or stop:
+            ckpt.save(step, state, iterator_state)
+        if stop:
+            ckpt.wait()
+            ckpt.close()
+            preemption.restore()
+            logging.warning("stopped at step %d; rerun with the same workdir to resume", step)
+            raise SystemExit(0)
+    preemption.restore()
+    ckpt.wait()
+
+    results = {"label_names": label_names, "steps": step}
+    best = ckpt.restore_params("best", checkpoint.abstract(state["params"], state_shardings["params"]))
+    for split in ("val", "test"):
+        if not info.splits.get(split, {}).get("num_examples"):
+            continue
+        preds = evaluate(best, split=split)
+        results[split] = summarize(preds)
+        writer.scalars(step, _flat(f"final_{split}", results[split]))
+        if jax.process_index() == 0:
+            save_predictions(workdir / f"predictions_{split}.npz", preds)
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    writer.close()
+    ckpt.close()
+    return results
+
+
+def _flat(prefix: str, summary: dict) -> dict[str, float]:
+    out = {f"{prefix}/mean_auroc": summary["mean_auroc"]}
+    out.update({f"{prefix}/auroc/{k}": v for k, v in summary["auroc"].items()})
+    return out
+
+
+def predict_split(workdir: str, split: str, checkpoint_name: str = "best") -> Predictions:
+    """Predictions of a finished (or running) run's checkpoint on one split of its dataset."""
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    if not config_path.is_file():
+        raise MissingInputError(f"{workdir} is not a cxrjax run directory (no {CONFIG_FILE})")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    info = open_dataset(config)
+    label_indices = info.label_indices(config.data.labels)
+    mesh = sharding.make_mesh()
+    model = build_model(config, len(label_indices), info.image_size)
+    abstract_params = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)}, jnp.zeros((1, info.image_size, info.image_size, 3))
+        )["params"]
+    )
+    params_sharding = sharding.state_shardings(abstract_params, mesh)
+    ckpt = checkpoint.Checkpointer(workdir)
+    params = ckpt.restore_params(
+        checkpoint_name, checkpoint.abstract(abstract_params, params_sharding)
+    )
+    ckpt.close()
+    mean, std = (jnp.asarray(v) for v in input_stats(config))
+    predict_step = jax.jit(make_predict_step(model, mean, std))
+    return predict(predict_step, params, info, split, config, label_indices, mesh)

@@ -1,0 +1,214 @@
+"""Tests of the Flax ViT family, its registry and the position-embedding resampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cxrjax.models import count_params, create_model, flops_per_image, get_spec, list_models
+from cxrjax.models.posemb import resample_grid, resample_posemb
+
+
+def _init(model, size: int, seed: int = 0):
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return model.init({"params": jax.random.key(seed)}, x, train=False)["params"]
+
+
+def _images(n: int, size: int, seed: int = 0) -> jnp.ndarray:
+    return jax.random.normal(jax.random.key(seed), (n, size, size, 3), jnp.float32)
+
+
+def test_registry_lists_study_variants_with_sources():
+    names = list_models()
+    for v in ("vit_b14_dinov2", "vit_b16_in21k", "vit_s14_dinov2_reg4", "vit_g14_dinov2"):
+        assert v in names
+    spec = get_spec("vit_b14_dinov2")
+    assert spec.sources["timm"] == "vit_base_patch14_dinov2.lvd142m"
+    assert spec.sources["hf"] == "facebook/dinov2-base"
+    assert spec.sources["dinov2_hub"].endswith("dinov2_vitb14/dinov2_vitb14_pretrain.pth")
+    assert get_spec("vit_b14_dinov2_reg4").sources["dinov2_hub"].endswith(
+        "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+    )
+    assert get_spec("vit_b16_in21k").sources["timm"] == "vit_base_patch16_224.augreg_in21k"
+    assert spec.image_size == 518 and spec.patch_size == 14
+    with pytest.raises(ValueError, match="Known variants"):
+        get_spec("vit_nope")
+    with pytest.raises(ValueError, match="Unknown override"):
+        create_model("vit_tiny_demo", 3, not_a_field=1)
+
+
+def test_param_counts_and_flops_match_published_numbers():
+    # ViT-B/16: 86M parameters, 17.6 GMACs at 224 (timm / the ViT paper).
+    assert count_params("vit_b16_in21k") == pytest.approx(85.8e6, rel=2e-3)
+    assert flops_per_image("vit_b16_in21k", 224) == pytest.approx(2 * 17.56, rel=5e-3)
+    # DINOv2 ViT-B/14 at 224 px has 257 tokens: ~46 GFLOPs; ViT-g/14 has 1.1B params.
+    assert flops_per_image("vit_b14_dinov2", 224) == pytest.approx(46.3, rel=5e-3)
+    assert count_params("vit_g14_dinov2") == pytest.approx(1.1365e9, rel=1e-3)
+    assert count_params("vit_s14_dinov2") == pytest.approx(22.06e6, rel=1e-3)
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        flops_per_image("vit_b16_in21k", 225)
+
+
+def test_flops_agree_with_xla_cost_analysis():
+    # XLA counts every op (norms, softmax, GELU too), so matmuls alone must be slightly below it.
+    model = create_model("vit_tiny_demo", 0)
+    params = _init(model, 64)
+    compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, _images(1, 64))
+    cost = compiled.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = flops_per_image("vit_tiny_demo", 64) * 1e9
+    assert 0.85 * cost["flops"] <= ours <= cost["flops"]
+
+
+def test_forward_shapes_dtypes_and_headless_features():
+    model = create_model("vit_tiny_demo", 5, head_zero_init=False)
+    params = _init(model, 64)
+    logits, feats = model.apply({"params": params}, _images(3, 64), return_features=True)
+    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+    assert feats.shape == (3, 96)
+    # The head is a plain linear map of the final-norm CLS features.
+    expected = feats @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    backbone = create_model("vit_tiny_demo", 0)
+    bparams = _init(backbone, 64)
+    assert "head" not in bparams
+    out = backbone.apply({"params": bparams}, _images(2, 64))
+    assert out.shape == (2, 96)
+
+
+def test_head_zero_init_gives_zero_logits():
+    model = create_model("vit_tiny_demo", 4)
+    params = _init(model, 64)
+    assert not np.any(np.asarray(model.apply({"params": params}, _images(2, 64))))
+
+
+def test_bf16_compute_keeps_float32_params_and_stays_close():
+    f32 = create_model("vit_tiny_demo", 3, head_zero_init=False)
+    bf16 = create_model("vit_tiny_demo", 3, head_zero_init=False, dtype="bfloat16")
+    params = _init(f32, 64)
+    params_bf = _init(bf16, 64)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_bf))
+    x = _images(4, 64)
+    a = f32.apply({"params": params}, x)
+    b = bf16.apply({"params": params}, x)
+    assert b.dtype == jnp.float32
+    rel = np.abs(np.asarray(a - b)).max() / np.abs(np.asarray(a)).max()
+    assert rel < 5e-2
+
+
+def test_dropout_and_drop_path_only_act_in_training():
+    model = create_model("vit_tiny_demo", 3, head_zero_init=False, dropout=0.1, drop_path=0.2)
+    params = _init(model, 64)
+    x = _images(8, 64)
+    ev1 = model.apply({"params": params}, x, train=False)
+    ev2 = model.apply({"params": params}, x, train=False)
+    np.testing.assert_array_equal(ev1, ev2)
+    tr1 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    tr2 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(tr1, tr2)
+    assert not np.allclose(tr1, ev1)
+    plain = create_model("vit_tiny_demo", 3, head_zero_init=False)
+    tr = plain.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(tr, ev1, atol=1e-6)
+
+
+def test_remat_gives_identical_gradients():
+    x = _images(2, 64)
+    grads = []
+    for remat in (False, True):
+        model = create_model("vit_tiny_demo", 3, head_zero_init=False, remat=remat, drop_path=0.1)
+        params = _init(model, 64)
+
+        def loss(p, model=model):
+            out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)})
+            return jnp.sum(out**2)
+
+        grads.append(jax.grad(loss)(params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        scale = float(np.abs(np.asarray(a)).max()) + 1e-12
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_registers_are_parameters_and_change_output():
+    model = create_model("vit_tiny_demo", 2, head_zero_init=False, num_registers=3)
+    params = _init(model, 64)
+    assert params["registers"].shape == (1, 3, 96)
+    x = _images(2, 64)
+    a = model.apply({"params": params}, x)
+    bumped = dict(params, registers=params["registers"] + 1.0)
+    assert not np.allclose(a, model.apply({"params": bumped}, x))
+
+
+def test_other_input_sizes_resample_posemb_on_the_fly():
+    small = create_model("vit_tiny_demo", 3, head_zero_init=False)
+    params = _init(small, 64)
+    x = _images(2, 96)
+    on_the_fly = small.apply({"params": params}, x)
+    big = create_model("vit_tiny_demo", 3, head_zero_init=False, image_size=96)
+    resampled = dict(params)
+    resampled["pos_embedding"] = resample_posemb(
+        np.asarray(params["pos_embedding"]), 1, (12, 12), "timm"
+    )
+    np.testing.assert_allclose(on_the_fly, big.apply({"params": resampled}, x), atol=1e-5)
+    # Non-square inputs work too.
+    assert small.apply({"params": params}, _images(1, 64)[:, :, :48]).shape == (1, 3)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        small.apply({"params": params}, _images(1, 60))
+
+
+def test_a_few_steps_of_training_fit_a_batch():
+    model = create_model("vit_tiny_demo", 4, head_zero_init=True)
+    params = _init(model, 64)
+    x = _images(8, 64, seed=5)
+    y = (jax.random.uniform(jax.random.key(6), (8, 4)) > 0.5).astype(jnp.float32)
+    tx = optax.adamw(1e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, rng):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+            return optax.sigmoid_binary_cross_entropy(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    losses = []
+    for i in range(30):
+        params, opt, loss = step(params, opt, jax.random.key(i))
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(np.log(2), abs=1e-5)
+    assert losses[-1] < 0.2
+
+
+def test_resample_is_identity_at_same_size_and_preserves_constants():
+    grid = np.random.default_rng(0).normal(size=(1, 5, 5, 4)).astype(np.float32)
+    assert resample_grid(grid, (5, 5), "dinov2") is grid
+    const = np.full((1, 6, 6, 2), 3.0, np.float32)
+    for method in ("dinov2", "timm"):
+        for new in ((3, 3), (9, 4)):
+            np.testing.assert_allclose(resample_grid(const, new, method), 3.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("old,new", [(37, 16), (16, 37), (4, 6), (6, 4), (5, 5)])
+def test_resample_matches_torch_interpolate(old, new):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(old * 100 + new)
+    grid = rng.normal(size=(1, old, old, 8)).astype(np.float32)
+    t = torch.from_numpy(grid).permute(0, 3, 1, 2)
+    # DINOv2's interpolate_pos_encoding (offset 0.1, scale_factor, no antialias).
+    s = (new + 0.1) / old
+    ref = F.interpolate(t, scale_factor=(s, s), mode="bicubic", antialias=False)
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(resample_grid(grid, (new, new), "dinov2"), ref, atol=1e-5)
+    ours = resample_grid(jnp.asarray(grid), (new, new), "dinov2")
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+    # timm's resample_abs_pos_embed (size, antialias=True).
+    ref = F.interpolate(t, size=(new, new), mode="bicubic", antialias=True, align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(resample_grid(grid, (new, new), "timm"), ref, atol=1e-5)

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+
+from cxrjax import train
+from configs import demo
+
+
+def _config(data_dir, epochs=2):
+    c = demo.get_config()
+    c.data.dir = str(data_dir)
+    c.data.demo_patients = 0
+    c.epochs = epochs
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 3
+    c.warmup_steps = 2
+    return c
+
+
+def test_train_writes_results_checkpoints_events_and_resumes(tiny_shards, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    results = train.train_and_evaluate(_config(tiny_shards), workdir)
+    info = json.loads((tiny_shards / "dataset_info.json").read_text())
+    steps_per_epoch = info["splits"]["train"]["num_examples"] // 8
+    assert results["steps"] == 2 * steps_per_epoch
+    saved = json.loads((workdir / "results.json").read_text())
+    assert set(saved["test"]["auroc"]) == {"square", "stripe"}
+    assert saved["test"]["num_examples"] == info["splits"]["test"]["num_examples"]
+    assert 0.0 <= saved["val"]["mean_auroc"] <= 1.0
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / str(results["steps"])).is_dir()
+    assert list((workdir / "best").iterdir())
+    assert (workdir / "predictions_test.npz").is_file()
+    assert "images_per_s" in capsys.readouterr().out
+
+    # Same workdir, more epochs: continues from the last checkpoint instead of step 0.
+    capsys.readouterr()
+    more = train.train_and_evaluate(_config(tiny_shards, epochs=3), workdir)
+    assert more["steps"] == 3 * steps_per_epoch
+    logged_steps = [
+        int(line.split("]")[0][1:]) for line in capsys.readouterr().out.splitlines() if line[:1] == "["
+    ]
+    assert min(logged_steps) > 2 * steps_per_epoch
+
+
+def test_predict_split_matches_saved_predictions(tiny_shards, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(_config(tiny_shards, epochs=1), workdir)
+    preds = train.predict_split(str(workdir), "test", "best")
+    saved = np.load(workdir / "predictions_test.npz")
+    np.testing.assert_allclose(preds.probs, saved["probs"], atol=1e-6)
+    np.testing.assert_array_equal(preds.ids, saved["ids"])
+
+
+def test_loss_ignores_masked_labels_and_weights_positives():
+    import jax.numpy as jnp
+
+    logits = jnp.array([[2.0, -1.0]])
+    labels = jnp.array([[1.0, 0.0]])
+    loss_masked = train.bce_loss(logits, labels, jnp.array([[1.0, 0.0]]), jnp.array([3.0, 1.0]))
+    expected = 3.0 * np.log1p(np.exp(-2.0))
+    np.testing.assert_allclose(loss_masked, expected, rtol=1e-6)
