@@ -170,8 +170,8 @@ def test_real_samples_png_and_rgb_jpeg():
     jpg = SAMPLES / "covid-19-pneumonia-58-prior.jpg"
     rgb = cv2.imread(str(jpg), cv2.IMREAD_COLOR_RGB)
     expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    # OpenCV rounds its fixed-point luma to uint8; ours keeps the fraction.
-    assert np.abs(read_image(jpg) - expected).max() <= 0.51
+    # PIL and OpenCV both round a fixed-point BT.601 luma to 8 bits, in slightly different ways.
+    assert np.abs(read_image(jpg) - expected).max() <= 1
 
 
 def test_sixteen_bit_png_read_unchanged(tmp_path):
@@ -200,7 +200,7 @@ def test_colour_png_reduced_to_gray(tmp_path, mode):
         np.testing.assert_array_equal(got, arr)
     else:
         expected = cv2.cvtColor(np.ascontiguousarray(arr[..., :3]), cv2.COLOR_RGB2GRAY)
-        assert np.abs(got - expected).max() <= 0.51
+        assert np.abs(got - expected).max() <= 1
 
 
 def _equalize_reference(img: np.ndarray) -> np.ndarray:

@@ -143,12 +143,12 @@ def _read_pil(path: Path, min_size: int | None) -> np.ndarray:
                 im.draft(im.mode, (min_size, min_size))
             im.load()
             # cv2.imread (the study's reader) honours the EXIF orientation; so do we.
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)
             mode = im.mode
             if mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
-                im = im.convert("RGBA" if "A" in mode else "RGB")
-                arr = np.asarray(im)[..., :3]
-                return np.tensordot(arr.astype(np.float32), _LUMA, axes=([-1], [0]))
+                # PIL's C conversion: BT.601 luma rounded to 8 bits, as the study's
+                # cv2.cvtColor(..., COLOR_BGR2GRAY) did; alpha is ignored.
+                im = im.convert("L")
             # "L" (8-bit), "I;16*" (16-bit PNG, kept unchanged), "I" and "F".
             arr = np.asarray(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -145,10 +146,10 @@ def sample_findings(rng: np.random.Generator, prevalence: float = PREVALENCE) ->
     if rng.random() < prevalence:
         # One side (either) or both sides, with its own fluid height each.
         sides = [(True, False), (False, True), (True, True)][rng.choice(3, p=[0.35, 0.35, 0.3])]
-        effusion = tuple(float(rng.uniform(0.18, 0.55)) if s else 0.0 for s in sides)
+        effusion = tuple(float(rng.uniform(0.22, 0.6)) if s else 0.0 for s in sides)
     pneumothorax = (0.0, 0.0)
     if rng.random() < prevalence:
-        size = float(rng.uniform(0.13, 0.3))
+        size = float(rng.uniform(0.2, 0.42))
         pneumothorax = (size, 0.0) if rng.random() < 0.5 else (0.0, size)
     return Findings(cardiomegaly, effusion, pneumothorax)
 
@@ -268,7 +269,8 @@ def phantom_regions(
     """Soft masks (float32 in [0, 1], `shape`) of the regions a finding changes.
 
     Keys: `lung_right`, `lung_left` (whole lung fields), `heart`, `effusion` (fluid),
-    `pneumothorax` (air rim without lung), `pleural_line`, `body`.
+    `pneumothorax` (air rim without lung), `pleural_line`, `collapsed_lung` (what is left of
+    a lung with a pneumothorax), `body`.
     """
     f = _Frame(anatomy, exposure, shape)
     return _regions(anatomy, findings, f)
@@ -279,6 +281,7 @@ def _regions(anatomy: Anatomy, findings: Findings, f: _Frame) -> dict[str, np.nd
     effusion = np.zeros(f.shape, np.float32)
     ptx = np.zeros(f.shape, np.float32)
     line = np.zeros(f.shape, np.float32)
+    shrunk = np.zeros(f.shape, np.float32)
     for side, name in ((0, "lung_right"), (1, "lung_left")):
         lx, ly, w, h = _lung_local(anatomy, f.x, f.y, side)
         lung = f.soft(_lung_margin(anatomy, lx, ly, w, h))
@@ -299,12 +302,14 @@ def _regions(anatomy: Anatomy, findings: Findings, f: _Frame) -> dict[str, np.nd
             collapsed_margin = _lung_margin(anatomy, cx, cy, w, h) * c
             collapsed = f.soft(collapsed_margin)
             ptx = np.maximum(ptx, lung * (1.0 - collapsed))
+            shrunk = np.maximum(shrunk, lung * collapsed)
             dist_px = collapsed_margin * f.px
             line = np.maximum(line, lung * np.exp(-((dist_px / 0.7) ** 2)))
     out["heart"] = f.soft(_heart_margin(anatomy, findings, f.x, f.y))
     out["effusion"] = effusion
     out["pneumothorax"] = ptx
     out["pleural_line"] = line
+    out["collapsed_lung"] = shrunk
     out["body"] = _body(anatomy, f)
     return out
 
@@ -459,7 +464,9 @@ def render_density(
     # Vessels are lung tissue: gone where fluid replaces air or where the lung has fallen away.
     vessel_gain = aerated * (1.0 - reg["effusion"]) * (1.0 - reg["pneumothorax"])
     density += 0.09 * np.minimum(_vessels(anatomy, f), 1.5) * vessel_gain
-    density -= 0.07 * reg["pneumothorax"] * (1.0 - reg["effusion"])
+    # The rim holds only air; the lung it left behind holds the same tissue in less volume.
+    density -= 0.12 * reg["pneumothorax"] * (1.0 - reg["effusion"])
+    density += 0.05 * reg["collapsed_lung"] * (1.0 - heart) * (1.0 - reg["effusion"])
     density += 0.10 * reg["pleural_line"] * (1.0 - reg["effusion"])
     density += body * (0.10 * _ribs(anatomy, f) + 0.20 * _spine(anatomy, f))
     # Gastric bubble under the left dome.
@@ -550,19 +557,39 @@ def _write_dicom(
     ds.save_as(path, enforce_file_format=True)
 
 
-def _write_image(path: Path, img: np.ndarray, fmt: str, rng: np.random.Generator) -> None:
-    if fmt == "png16":
+def save_radiograph(
+    stem: str | Path,
+    img: np.ndarray,
+    fmt: str,
+    rng: np.random.Generator,
+    patient_id: str = "PHANTOM-00000",
+    uid_key: str = "",
+) -> Path:
+    """Writes a [0, 1] image (bright = attenuating) as `stem.<ext>` in format `fmt`; returns path.
+
+    `fmt` is one of FORMATS. `rng` draws what varies between files of one format (bits stored,
+    rescale, photometric interpretation of JPEG 2000 files, SOP class); `uid_key` seeds the DICOM
+    UIDs so that the same key gives the same file.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown phantom format {fmt!r}; use one of {FORMATS}")
+    path = Path(stem).with_suffix("." + _EXTENSIONS.get(fmt, "dcm"))
+    if fmt.startswith("dcm"):
+        mono1 = fmt == "dcm_mono1" or (fmt == "dcm_j2k" and rng.random() < 0.5)
+        key = uid_key or path.as_posix()
+        _write_dicom(path, img, patient_id, key, rng, monochrome1=mono1, j2k=fmt == "dcm_j2k")
+    elif fmt == "png16":
         # PadChest-style: 16-bit container holding fewer significant bits.
         Image.fromarray(_quantise(img, int(rng.integers(12, 17)))).save(path)
     elif fmt == "png8":
         Image.fromarray(_quantise(img, 8).astype(np.uint8)).save(path)
-    elif fmt == "jpg":
-        Image.fromarray(_quantise(img, 8).astype(np.uint8)).save(path, quality=92)
     else:
-        raise ValueError(f"unknown phantom format {fmt!r}; use one of {FORMATS}")
+        Image.fromarray(_quantise(img, 8).astype(np.uint8)).save(path, quality=92)
+    return path
 
 
 def patient_id(index: int) -> str:
+    """Synthetic patient identifier of the index-th phantom patient."""
     return f"PHANTOM-{index:05d}"
 
 
@@ -581,14 +608,7 @@ def _write_patient(job: tuple) -> list[dict]:
         if n > 0 and rng.random() < _FOLLOW_UP_CHANGE:
             findings = sample_findings(rng)
         img = render_phantom(anatomy, findings, sample_exposure(rng), shape, rng)
-        ext = _EXTENSIONS.get(fmt, "dcm")
-        path = folder / f"{n}.{ext}"
-        if fmt.startswith("dcm"):
-            mono1 = fmt == "dcm_mono1" or (fmt == "dcm_j2k" and rng.random() < 0.5)
-            key = f"{seed}-{index}-{n}"
-            _write_dicom(path, img, pid, key, rng, monochrome1=mono1, j2k=fmt == "dcm_j2k")
-        else:
-            _write_image(path, img, fmt, rng)
+        path = save_radiograph(folder / str(n), img, fmt, rng, pid, f"{seed}-{index}-{n}")
         rows.append({"path": path.relative_to(out_dir).as_posix(), "patient_id": pid})
         rows[-1].update(findings.labels())
     return rows
@@ -628,7 +648,9 @@ def write_phantom_dataset(
     ]
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers > 1 and n_patients > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # Spawned, not forked: callers such as cxrjax.main have JAX's threads running.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = list(pool.map(_write_patient, jobs, chunksize=max(1, len(jobs) // 32)))
     else:
         results = [_write_patient(job) for job in jobs]

@@ -57,7 +57,7 @@ def resampled_metrics(
     Masked entries (mask False) are left out per label; a resample with one class left in a
     label gives NaN there.
     """
-    labels, scores, mask = metrics._check_2d(labels, scores, mask)
+    labels, scores, mask = metrics.check_2d(labels, scores, mask)
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != labels.shape[0]:
         raise ValueError(f"counts shape {counts.shape} does not match {labels.shape[0]} cases")
@@ -83,7 +83,8 @@ def summarize(samples: np.ndarray) -> dict[str, Any]:
     with np.errstate(invalid="ignore", divide="ignore"):
         filled = np.where(valid, samples, 0.0)
         mean = filled.sum(axis=0) / n_valid
-        sd = np.sqrt(np.where(valid, samples - mean, 0.0).__pow__(2).sum(axis=0) / (n_valid - 1))
+        sq_dev = np.where(valid, samples - mean, 0.0) ** 2
+        sd = np.sqrt(sq_dev.sum(axis=0) / (n_valid - 1))
     lo, hi = (np.full(samples.shape[1:], np.nan) for _ in range(2))
     ok = n_valid > 0
     if np.any(ok):
@@ -146,7 +147,10 @@ class BootstrapResult:
             "labels_in_mean": [
                 n for n, inc in zip(self.label_names, self.included, strict=True) if inc
             ],
-            "mean": {m: stats(mean_point[m], mean_samples[m]) for m in mean_point},
+            # Thresholds live on each label's own score scale: their mean means nothing.
+            "mean": {
+                m: stats(mean_point[m], mean_samples[m]) for m in mean_point if m != "threshold"
+            },
             "per_label": per_label,
         }
 
@@ -158,7 +162,8 @@ def _num(x: float) -> float | int | None:
     return None if np.isnan(x) else float(x)
 
 
-def _counts_for(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:
+def draw_counts(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:
+    """The (R, N) resample counts of `preds`, by image or by its `patients`."""
     if by_patient and preds.patients is None:
         raise ValueError(
             "by-patient bootstrap needs `patients` in the predictions file; write it with "
@@ -169,11 +174,22 @@ def _counts_for(preds: Predictions, n_resamples: int, seed: int, by_patient: boo
 
 
 def bootstrap(
-    preds: Predictions, n_resamples: int = 1000, seed: int = 0, by_patient: bool = False
+    preds: Predictions,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    by_patient: bool = False,
+    counts: np.ndarray | None = None,
 ) -> BootstrapResult:
-    """Point estimates and `n_resamples` seeded bootstrap resamples of every metric."""
+    """Point estimates and `n_resamples` seeded bootstrap resamples of every metric.
+
+    `counts` (R, N), when given, are the resamples to use instead of drawing them (so several
+    models can share them); `n_resamples`, `seed` and `by_patient` then only label the result.
+    """
     point = metrics.metrics_per_label(preds.labels, preds.probs, preds.mask, preds.label_names)
-    counts = _counts_for(preds, n_resamples, seed, by_patient)
+    if counts is None:
+        counts = draw_counts(preds, n_resamples, seed, by_patient)
+    elif counts.shape != (n_resamples, len(preds.ids)):
+        raise ValueError(f"counts shape {counts.shape}, expected ({n_resamples}, {len(preds.ids)})")
     samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask)
     return BootstrapResult(
         label_names=preds.label_names,
@@ -239,8 +255,9 @@ def paired_bootstrap(
     check_paired(a, b, names)
     if by_patient and not np.array_equal(a.patients, b.patients):
         raise ValueError(f"{names[0]} and {names[1]} disagree on patients; cannot pair by patient")
-    res_a = bootstrap(a, n_resamples, seed, by_patient)
-    res_b = bootstrap(b, n_resamples, seed, by_patient)
+    counts = draw_counts(a, n_resamples, seed, by_patient)
+    res_a = bootstrap(a, n_resamples, seed, by_patient, counts)
+    res_b = bootstrap(b, n_resamples, seed, by_patient, counts)
     auc_a, auc_b = res_a.samples["auroc"], res_b.samples["auroc"]
     p_label = p_value(auc_a, auc_b)
     p_label[~res_a.included] = np.nan

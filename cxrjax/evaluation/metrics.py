@@ -26,12 +26,12 @@ YOUDEN_METRICS = ("threshold", "accuracy", "sensitivity", "specificity", "precis
 ALL_METRICS = ("auroc", *YOUDEN_METRICS)
 
 
-def _as_binary(labels: np.ndarray, what: str = "labels") -> np.ndarray:
+def _as_binary(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     values = np.unique(labels)
     if not np.all(np.isin(values, (0, 1))):
         raise ValueError(
-            f"{what} must be 0/1, found values {values[:5].tolist()}; binarise them (and mask "
+            f"labels must be 0/1, found values {values[:5].tolist()}; binarise them (and mask "
             "unknown entries) before computing metrics"
         )
     return labels.astype(bool)
@@ -146,9 +146,10 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     )
 
 
-def _check_2d(
+def check_2d(
     labels: np.ndarray, scores: np.ndarray, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, L) float64 labels and scores and a bool mask (all True when None), or ValueError."""
     labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.ndim != 2 or scores.shape != labels.shape:
@@ -187,7 +188,7 @@ def auroc_per_label(
 
     A label with a single class among its evaluated cases gives NaN and a RuntimeWarning.
     """
-    labels, scores, mask = _check_2d(labels, scores, mask)
+    labels, scores, mask = check_2d(labels, scores, mask)
     _warn_single_class(labels, mask, label_names)
     return np.array(
         [
@@ -204,7 +205,7 @@ def metrics_per_label(
     label_names: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every metric in ALL_METRICS as an (L,) array, Youden threshold chosen per label."""
-    labels, scores, mask = _check_2d(labels, scores, mask)
+    labels, scores, mask = check_2d(labels, scores, mask)
     _warn_single_class(labels, mask, label_names)
     out = {k: np.full(labels.shape[1], np.nan) for k in ALL_METRICS}
     for j in range(labels.shape[1]):

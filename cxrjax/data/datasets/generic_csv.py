@@ -47,7 +47,7 @@ def _binary_labels(
             if not values.dropna().isin([0.0, 1.0]).all():
                 example = values[~values.isin([0.0, 1.0]) & values.notna()].iloc[0]
                 raise MetadataError(
-                    f"{csv}: label column {name!r} holds {example!r}, not 0/1; pass --threshold "
+                    f"{csv}: label column {name!r} holds {example:g}, not 0/1; pass --threshold "
                     "to binarise graded labels, or --labels to choose only the label columns"
                 )
             binary = values

@@ -1,0 +1,282 @@
+"""Compare runs the way the study did: paired bootstrap AUROC, one-sided p-values, BH correction.
+
+  python tools/compare.py W1 W2 ... --out DIR [--bootstrap 1000] [--seed 0] [--by-patient]
+      [--baseline INIT] [--split test]
+
+Each Wi is a run directory (holding `predictions_<split>.npz` and `config.json` with
+`experiment`, `init`, `data.dataset`, `data.train_fraction`; top-level `dataset` and
+`train_fraction` are read too) or a predictions file (its directory's config.json, if any,
+names it). Runs on the same dataset and training fraction are compared on shared resamples;
+every other initialisation is tested against the baseline (default: the first run's) with
+H1 'higher AUROC than the baseline', p = fraction of resamples where its AUROC <= the
+baseline's. Benjamini-Hochberg runs over all labels and datasets of one comparison (label
+means form their own family). Writes comparison.md, comparison.csv, comparison.json and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.evaluation import bootstrap as bs
+from cxrjax.evaluation import report
+from cxrjax.evaluation.predictions import Predictions, load_predictions
+
+MEAN_ROW = "mean (labels)"
+
+
+@dataclasses.dataclass
+class Run:
+    source: str
+    experiment: str
+    dataset: str
+    init: str
+    train_fraction: float
+    preds: Predictions
+    column: str = ""
+
+
+def _config_field(config: dict[str, Any], key: str) -> Any:
+    if key in config:
+        return config[key]
+    return config.get("data", {}).get(key)
+
+
+def load_run(path: str | Path, split: str = "test") -> Run:
+    """A run from a workdir or a predictions file, with its config's names."""
+    path = Path(path)
+    if path.is_dir():
+        pred_path, config_path = path / f"predictions_{split}.npz", path / "config.json"
+        if not pred_path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no predictions_{split}.npz; write it with "
+                f"`python -m cxrjax.evaluate --workdir {path} --split {split}`"
+            )
+    elif path.is_file():
+        pred_path, config_path = path, path.parent / "config.json"
+    else:
+        raise FileNotFoundError(f"{path}: neither a run directory nor a predictions file")
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    experiment = config.get("experiment") or pred_path.stem
+    fraction = _config_field(config, "train_fraction")
+    return Run(
+        source=str(path),
+        experiment=str(experiment),
+        dataset=str(_config_field(config, "dataset") or "-"),
+        init=str(config.get("init") or experiment),
+        train_fraction=1.0 if fraction is None else float(fraction),
+        preds=load_predictions(pred_path),
+    )
+
+
+def _assign_columns(runs: list[Run]) -> None:
+    """Column = init; runs sharing an init on one dataset and fraction (seeds) add experiment."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.dataset, r.train_fraction, r.init)].append(r)
+    for members in groups.values():
+        names = [r.init if len(members) == 1 else f"{r.init} ({r.experiment})" for r in members]
+        if len(set(names)) < len(names):
+            names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+        for r, n in zip(members, names, strict=True):
+            r.column = n
+
+
+def compare(
+    runs: list[Run],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    by_patient: bool = False,
+    baseline: str | None = None,
+) -> dict[str, Any]:
+    """Bootstrap every run, test each column against the baseline, correct with BH."""
+    _assign_columns(runs)
+    columns = list(dict.fromkeys(r.column for r in runs))
+    baseline = baseline or runs[0].column
+    if baseline not in columns:
+        raise ValueError(f"--baseline {baseline!r} is none of the runs' columns {columns}")
+    groups: dict[tuple[str, float], dict[str, Run]] = defaultdict(dict)
+    for r in runs:
+        groups[(r.dataset, r.train_fraction)][r.column] = r
+
+    results: dict[tuple[str, float], dict[str, bs.BootstrapResult]] = {}
+    counts_by_group: dict[tuple[str, float], np.ndarray] = {}
+    entries: list[dict[str, Any]] = []
+    for key, members in groups.items():
+        ref = next(iter(members.values()))
+        for r in members.values():
+            bs.check_paired(ref.preds, r.preds, (ref.source, r.source))
+            if by_patient and not np.array_equal(ref.preds.patients, r.preds.patients):
+                raise ValueError(f"{ref.source} and {r.source} disagree on patients")
+        counts = bs.draw_counts(ref.preds, n_resamples, seed, by_patient)
+        counts_by_group[key] = counts
+        res = {
+            c: bs.bootstrap(r.preds, n_resamples, seed, by_patient, counts)
+            for c, r in members.items()
+        }
+        results[key] = res
+        names = ref.preds.label_names
+        rows = [{"dataset": key[0], "train_fraction": key[1], "label": n} for n in names]
+        mean_row = {"dataset": key[0], "train_fraction": key[1], "label": MEAN_ROW}
+        for c, rr in res.items():
+            per = bs.summarize(rr.samples["auroc"])
+            for j, row in enumerate(rows):
+                row[c] = {k: float(per[k][j]) for k in ("mean", "sd", "ci_low", "ci_high")}
+                row[c]["point"] = float(rr.point["auroc"][j])
+            mean = bs.summarize(rr.mean_samples["auroc"][:, None])
+            mean_row[c] = {k: float(mean[k][0]) for k in ("mean", "sd", "ci_low", "ci_high")}
+            mean_row[c]["point"] = rr.mean_point["auroc"]
+        if baseline in res:
+            base = res[baseline]
+            for c, rr in res.items():
+                if c == baseline:
+                    continue
+                p = bs.p_value(rr.samples["auroc"], base.samples["auroc"])
+                p[~base.included] = np.nan
+                for j, row in enumerate(rows):
+                    row[f"p:{c}"] = float(p[j])
+                mean_row[f"p:{c}"] = float(
+                    bs.p_value(rr.mean_samples["auroc"], base.mean_samples["auroc"])
+                )
+        entries.extend([*rows, mean_row])
+
+    # One BH family per comparison: its label p-values over all datasets; label means apart.
+    for c in columns:
+        for is_mean in (False, True):
+            family = [e for e in entries if f"p:{c}" in e and (e["label"] == MEAN_ROW) == is_mean]
+            adjusted = bs.benjamini_hochberg(np.array([e[f"p:{c}"] for e in family]))
+            for e, q in zip(family, adjusted, strict=True):
+                e[f"p_bh:{c}"] = float(q)
+    return {
+        "columns": columns,
+        "baseline": baseline,
+        "groups": groups,
+        "results": results,
+        "counts": counts_by_group,
+        "entries": entries,
+    }
+
+
+def _summary_frame(out: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for (dataset, fraction), res in out["results"].items():
+        for c, rr in res.items():
+            s = bs.summarize(rr.mean_samples["auroc"][:, None])
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "train_fraction": fraction,
+                    "init": c,
+                    "auroc_point": rr.mean_point["auroc"],
+                    "auroc_mean": s["mean"][0],
+                    "auroc_sd": s["sd"][0],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _header(out: dict[str, Any], n_resamples: int, seed: int, by_patient: bool) -> str:
+    unit = "patients" if by_patient else "images"
+    return (
+        "# AUROC by initialisation\n\n"
+        f"AUROC: mean ± SD over {n_resamples} bootstrap resamples of the test {unit} "
+        f"(seed {seed}). p: one-sided paired bootstrap, the fraction of shared resamples where "
+        f"the column's AUROC <= the baseline's ({out['baseline']}); in brackets corrected by "
+        "Benjamini-Hochberg across all labels and datasets of that comparison (label means "
+        f"corrected as their own family). '< {1 / n_resamples:.3g}': in none of the "
+        f"{n_resamples} resamples.\n\n"
+    )
+
+
+def write_outputs(
+    out: dict[str, Any], out_dir: Path, n_resamples: int, seed: int, by_patient: bool
+) -> list[Path]:
+    """Table (Markdown, CSV), JSON and figures; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numeric, pretty = report.comparison_rows(
+        out["entries"], out["columns"], out["baseline"], n_resamples
+    )
+    written = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.json"]
+    numeric.to_csv(written[0], index=False)
+    written[1].write_text(
+        _header(out, n_resamples, seed, by_patient) + report.to_markdown(pretty), encoding="utf-8"
+    )
+    summary = _summary_frame(out)
+    meta = {
+        "bootstrap": {"n_resamples": n_resamples, "seed": seed, "by_patient": by_patient},
+        "baseline": out["baseline"],
+        "runs": [
+            {
+                "source": r.source,
+                "column": c,
+                "experiment": r.experiment,
+                "dataset": r.dataset,
+                "init": r.init,
+                "train_fraction": r.train_fraction,
+            }
+            for members in out["groups"].values()
+            for c, r in members.items()
+        ],
+        "rows": json.loads(numeric.to_json(orient="records")),
+    }
+    written[2].write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+
+    for (dataset, fraction), members in out["groups"].items():
+        path = out_dir / f"roc_{_slug(dataset)}_f{fraction:g}.png"
+        runs = {c: r.preds for c, r in members.items()}
+        title = f"{dataset}, {fraction:.0%} of training data, 95% bootstrap bands"
+        report.plot_roc_bands(runs, out["counts"][(dataset, fraction)], str(path), title)
+        written.append(path)
+    largest = summary.groupby("dataset")["train_fraction"].transform("max")
+    top = summary[summary["train_fraction"] == largest]
+    written.append(out_dir / "mean_auroc.png")
+    report.plot_mean_auroc(top, str(written[-1]))
+    if summary.groupby("dataset")["train_fraction"].nunique().max() > 1:
+        written.append(out_dir / "auroc_vs_fraction.png")
+        report.plot_label_efficiency(summary, str(written[-1]))
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text) or "dataset"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories or predictions .npz files")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--by-patient", action="store_true", help="resample patients")
+    parser.add_argument("--baseline", help="column every other is tested against")
+    parser.add_argument("--split", default="test", help="split of predictions_<split>.npz")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 1:
+        parser.error("--bootstrap must be >= 1 for paired tests")
+    try:
+        runs = [load_run(p, args.split) for p in args.runs]
+        out = compare(runs, args.bootstrap, args.seed, args.by_patient, args.baseline)
+        written = write_outputs(out, Path(args.out), args.bootstrap, args.seed, args.by_patient)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
