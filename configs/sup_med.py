@@ -1,6 +1,7 @@
 """Supervised, medical initialisation: ViT-B/16 from ImageNet-21k, first trained on MIMIC-CXR.
 
-Stage 1: python -m cxrjax.main --config configs/sup_med.py:stage=pretrain --workdir runs/sup_med_pretrain
+Stage 1: python -m cxrjax.main --config configs/sup_med.py:stage=pretrain \
+             --workdir runs/sup_med_pretrain
 Stage 2: python -m cxrjax.main --config configs/sup_med.py:stage=finetune,dataset=vindr
          (starts from stage 1's best checkpoint, converted with tools/convert_checkpoint.py;
          the head is re-initialised when the label sets differ)

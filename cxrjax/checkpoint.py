@@ -1,4 +1,4 @@
-"""orbax checkpoints of a run: the latest K (state + data-iterator state) and the best by validation.
+"""orbax checkpoints of a run: the latest K (state + data-iterator state) and the best one.
 
 `workdir/checkpoints/<step>/` holds the full train state and every process's grain iterator
 state; `workdir/best/<step>/` holds the parameters with the highest validation mean AUROC. Saves
@@ -74,7 +74,7 @@ class Checkpointer:
         return self.latest.latest_step()
 
     def restore_latest(self, abstract_state: Any, iterator: grain.DataLoaderIterator) -> Any:
-        """Restores the newest train state in place of `abstract_state`, and `iterator`'s position."""
+        """Restores the newest train state (shaped like `abstract_state`) and `iterator`."""
         restored = self.latest.restore(
             self.latest.latest_step(),
             args=ocp.args.Composite(

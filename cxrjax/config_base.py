@@ -74,6 +74,11 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     c.schedule = "constant"
     c.warmup_steps = 0
     c.grad_clip = 0.0
+    c.grad_accum_steps = 1
+    c.layer_decay = 1.0  # < 1: layer-wise learning-rate decay
+    c.freeze_backbone = False  # linear probe: train the head only
+    c.ema_decay = 0.0  # > 0: evaluate and keep the best of an EMA of the weights
+    c.nonfinite = "stop"  # or "skip": what a non-finite loss does (the update is never applied)
     c.fsdp = False
 
     c.log_every_steps = 50

@@ -1,7 +1,7 @@
 """Entry point: `python -m cxrjax.main --config configs/ssl_nonmed.py:dataset=vindr --workdir W`.
 
-Multi-host: `jax.distributed` is initialised from --coordinator_address/--num_processes/--process_id,
-or automatically on SLURM (more than one task) and Cloud TPU VM slices.
+Multi-host: `jax.distributed` is initialised from --coordinator_address, --num_processes and
+--process_id, or automatically on SLURM (more than one task) and Cloud TPU VM slices.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<experiment>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -38,7 +40,9 @@ def main(argv: list[str]) -> None:
     from cxrjax import train
 
     workdir = _WORKDIR.value or f"runs/{config.experiment}"
-    logging.info("workdir %s, %d processes, %d devices", workdir, jax.process_count(), jax.device_count())
+    logging.info(
+        "workdir %s, %d processes, %d devices", workdir, jax.process_count(), jax.device_count()
+    )
     if config.data.get("demo_patients"):
         from cxrjax.data.demo import ensure_demo_dataset
 

@@ -1,7 +1,17 @@
-"""The optimizer from the config: AdamW (the study's lr 1e-5, no weight decay, constant) by default."""
+"""The optimizer from the config: AdamW (the study's lr 1e-5, no weight decay, constant) by default.
+
+Options: warmup + cosine schedule, gradient clipping, layer-wise learning-rate decay (ViT blocks
+named `block_N`, as cxrjax's ViT names them), and a frozen backbone (linear probe: only `head`
+is trained).
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -16,11 +26,52 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     raise ValueError(f"config.schedule={config.schedule!r}: use 'constant' or 'warmup_cosine'")
 
 
+def _layer_id(path: tuple[str, ...], depth: int) -> int:
+    """0 for the embeddings, i + 1 for block_i, depth + 1 for the final norm and the head."""
+    for name in path:
+        match = re.fullmatch(r"block_(\d+)", name)
+        if match:
+            return int(match.group(1)) + 1
+    if path[0] in ("embedding", "cls", "pos_embedding", "registers"):
+        return 0
+    return depth + 1
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(key, "key", key)) for key in path)
+
+
+def layer_decay_scales(params: Any, decay: float) -> Any:
+    """Per-parameter learning-rate factors: decay ** (distance from the head)."""
+    depth = sum(1 for name in params if re.fullmatch(r"block_\d+", name))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decay ** (depth + 1 - _layer_id(_names(path), depth)), params
+    )
+
+
+def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-    config: ml_collections.ConfigDict, total_steps: int
+    config: ml_collections.ConfigDict, total_steps: int, params: Any = None
 ) -> optax.GradientTransformation:
+    """AdamW with the configured extras; `params` (or their shapes) is needed for layer decay."""
     parts = []
     if config.grad_clip:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    parts.append(optax.adamw(learning_rate(config, total_steps), weight_decay=config.wd))
-    return optax.chain(*parts)
+    parts += [optax.scale_by_adam(), optax.add_decayed_weights(config.wd)]
+    if config.layer_decay < 1:
+        parts.append(_scale_by_tree(layer_decay_scales(params, config.layer_decay)))
+    parts.append(optax.scale_by_learning_rate(learning_rate(config, total_steps)))
+    tx = optax.chain(*parts)
+    if config.freeze_backbone:
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if _names(path)[0] == "head" else "frozen", params
+        )
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx

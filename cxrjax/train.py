@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from cxrjax.metric_writer import MetricWriter
 from cxrjax.models import create_model, get_spec
 
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
 
 
 class MissingInputError(RuntimeError):
@@ -57,8 +60,9 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
         sources = get_spec(config.model.variant).sources
         source = next(iter(sources.values()), "SOURCE")
         raise MissingInputError(
-            f"no converted weights at {path}.\nCreate them with:\n  python tools/convert_checkpoint.py "
-            f"{source} --variant {config.model.variant} --out {path}\n"
+            f"no converted weights at {path}.\nCreate them with:\n"
+            f"  python tools/convert_checkpoint.py {source} --variant {config.model.variant} "
+            f"--out {path}\n"
             "(or set --config.model.init_from=PATH, or '' to train from scratch)"
         )
 
@@ -104,20 +108,61 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: 
     return jnp.sum(per_entry * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_step(model, tx, mean, std, pos_weight, base_rng):
-    def train_step(state, batch):
-        rng = jax.random.fold_in(base_rng, state["step"])
-        images = normalize(batch["image"], mean, std)
+def make_train_step(model, tx, mean, std, pos_weight, base_rng, *, accum_steps=1, ema_decay=0.0):
+    """The jitted step: grads (over `accum_steps` micro-batches), update, optional EMA.
 
+    A non-finite loss or gradient leaves the state untouched (the step is skipped) and is
+    reported in the metrics; the loop decides whether to stop or go on.
+    """
+
+    def grads_of(params, batch, rng):
         def loss_fn(params):
+            images = normalize(batch["image"], mean, std)
             logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
             return bce_loss(logits, batch["labels"], batch["mask"], pos_weight)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        return jax.value_and_grad(loss_fn)(params)
+
+    def accumulated(params, batch, rng):
+        # Micro-batch j takes rows j, j + k, ...: every device keeps an equal share of each.
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(
+                0, 1
+            ),
+            batch,
+        )
+
+        def body(carry, inputs):
+            loss_sum, grad_sum = carry
+            j, chunk = inputs
+            loss, grads = grads_of(params, chunk, jax.random.fold_in(rng, j))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(
+            body, (jnp.zeros(()), zeros), (jnp.arange(accum_steps), micro)
+        )
+        return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        batch = {k: batch[k] for k in ("image", "labels", "mask")}
+        if accum_steps > 1:
+            loss, grads = accumulated(state["params"], batch, rng)
+        else:
+            loss, grads = grads_of(state["params"], batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if ema_decay:
+            new_state["ema"] = jax.tree.map(
+                lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params
+            )
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        new_state["step"] = state["step"] + 1
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return train_step
 
@@ -177,7 +222,7 @@ def summarize(preds: Predictions) -> dict[str, Any]:
 
 
 class _Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so the step in flight finishes and saves."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks: the step in flight finishes, then saves."""
 
     def __init__(self):
         self.requested = False
@@ -202,15 +247,20 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def _init_state(config, model, tx, image_size, mesh, rng, num_labels):
-    """Initialises (and, if configured, loads pretrained weights into) the sharded train state."""
+def _init_state(config, model, image_size, mesh, rng, total_steps):
+    """The optimizer and the sharded train state, with pretrained weights when configured."""
+    dummy = jnp.zeros((1, image_size, image_size, 3))
+    abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy)["params"], rng)
+    tx = optim.make_optimizer(config, total_steps, abstract_params)
 
-    def init(rng):
-        params = model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3)))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    def state_from(params):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if config.ema_decay:
+            state["ema"] = params
+        return state
 
-    abstract_state = jax.eval_shape(init, rng)
-    shardings = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp)
+    init = lambda r: state_from(model.init({"params": r}, dummy)["params"])  # noqa: E731
+    shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp=config.fsdp)
     state = jax.jit(init, out_shardings=shardings)(rng)
     if config.model.init_from:
         from cxrjax.models.pretrained import load_pretrained
@@ -221,13 +271,64 @@ def _init_state(config, model, tx, image_size, mesh, rng, num_labels):
             variant=config.model.variant,
             image_size=image_size,
         )
-        logging.info("pretrained weights from %s:\n%s", config.model.init_from, report)
+        print(f"pretrained weights from {config.model.init_from}:\n{report}", flush=True)
         params = jax.device_put(params, shardings["params"])
-        state = jax.jit(
-            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
-            out_shardings=shardings,
-        )(params)
-    return state, shardings
+        state = jax.jit(state_from, out_shardings=shardings)(params)
+    return tx, state, shardings
+
+
+class WorkdirLock:
+    """Refuses a second run on the same workdir while the first is alive."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "RUNNING"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0:
+            return self
+        if self.path.exists():
+            host, _, pid = self.path.read_text().partition(":")
+            alive = host != socket.gethostname() or _pid_alive(int(pid or 0))
+            if alive:
+                raise RuntimeError(
+                    f"{self.path.parent} is in use by process {pid} on {host}. Wait for it, use "
+                    f"another --workdir, or delete {self.path} if that run is gone."
+                )
+        self.path.write_text(self.owner)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if jax.process_index() == 0 and self.path.exists():
+            self.path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def check_resumable(workdir: Path, fields: dict[str, Any]) -> None:
+    """A checkpoint made under another variant/labels/resolution must not be silently resumed."""
+    path = workdir / RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differing = {k: (saved.get(k), v) for k, v in fields.items() if saved.get(k) != v}
+        if differing:
+            lines = "\n".join(
+                f"  {k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differing.items()
+            )
+            raise MissingInputError(
+                f"the checkpoints in {workdir} do not match this config:\n{lines}\n"
+                "Use another --workdir, or restore the config the run was started with."
+            )
+    elif jax.process_index() == 0:
+        path.write_text(json.dumps(fields, indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -237,6 +338,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     check_pretrained(config)
     label_indices = info.label_indices(config.data.labels)
     label_names = [info.label_names[i] for i in label_indices]
+    check_resumable(
+        workdir,
+        {
+            "variant": config.model.variant,
+            "label_names": label_names,
+            "image_size": info.image_size,
+            "batch_size": config.batch_size,
+            "ema": bool(config.ema_decay),
+            "fsdp": config.fsdp,
+        },
+    )
+    with WorkdirLock(workdir):
+        return _train(config, workdir, info, label_indices)
+
+
+def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[int]) -> dict:
     num_train = pipeline.num_train_examples(info, config.data.train_fraction)
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -245,12 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     mesh = sharding.make_mesh()
     model = build_model(config, len(label_indices), info.image_size)
-    tx = optim.make_optimizer(config, total_steps)
     rng = jax.random.key(config.seed)
-    state, state_shardings = _init_state(
-        config, model, tx, info.image_size, mesh, rng, len(label_indices)
-    )
+    tx, state, state_shardings = _init_state(config, model, info.image_size, mesh, rng, total_steps)
     parameter_overview.log_parameter_overview(state["params"])
+    schedule = optim.learning_rate(config, total_steps)
 
     mean, std = (jnp.asarray(v) for v in input_stats(config))
     pos_weight = jnp.asarray(np.asarray(info.pos_weight, np.float32)[label_indices])
@@ -258,7 +373,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         pos_weight = jnp.ones_like(pos_weight)
     data = sharding.data_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(model, tx, mean, std, pos_weight, jax.random.fold_in(rng, 1)),
+        make_train_step(
+            model,
+            tx,
+            mean,
+            std,
+            pos_weight,
+            jax.random.fold_in(rng, 1),
+            accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
+        ),
         in_shardings=(state_shardings, data),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -271,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluate = functools.partial(
         predict, predict_step, info=info, config=config, label_indices=label_indices, mesh=mesh
     )
+    eval_params = lambda state: state["ema"] if config.ema_decay else state["params"]  # noqa: E731
 
     loader = pipeline.train_loader(
         info,
@@ -285,37 +410,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state = ckpt.restore_latest(checkpoint.abstract(state, state_shardings), train_iter)
-        logging.info("resumed from step %d in %s", int(state["step"]), workdir)
-    start_step = int(state["step"])
+        print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
     writer = MetricWriter(workdir)
     preemption = _Preemption()
     batches = pipeline.prefetch_to_device(train_iter, data)
 
-    step, timer, seen = start_step, time.time(), 0
-    iterator_state = train_iter.get_state()
+    step = int(state["step"])
+    timer, steps_timed, finite_flags = time.time(), 0, []
     while step < total_steps:
         batch, iterator_state = next(batches)
         state, metrics = train_step(state, batch)
         step += 1
-        seen += config.batch_size
+        steps_timed += 1
+        finite_flags.append(metrics.pop("finite"))
         if step % config.log_every_steps == 0 or step == total_steps:
+            _check_finite(finite_flags, step, config.nonfinite, ckpt)
+            finite_flags = []
             elapsed = time.time() - timer
-            rate = seen / elapsed
             writer.scalars(
                 step,
                 {
                     **{k: float(v) for k, v in metrics.items()},
-                    "images_per_s": rate,
+                    "learning_rate": float(schedule(step - 1)),
+                    "images_per_s": steps_timed * config.batch_size / elapsed,
+                    "step_ms": 1000 * elapsed / steps_timed,
                     "epoch": step / steps_per_epoch,
-                    "eta_min": (total_steps - step) * config.batch_size / rate / 60,
+                    "eta_min": (total_steps - step) * elapsed / steps_timed / 60,
                 },
             )
-            timer, seen = time.time(), 0
+            timer, steps_timed = time.time(), 0
         epoch_end = step % steps_per_epoch == 0
         if epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0:
-            val = summarize(evaluate(state["params"], split="val"))
+            val = summarize(evaluate(eval_params(state), split="val"))
             writer.scalars(step, _flat("val", val))
-            ckpt.save_best(step, state["params"], val["mean_auroc"])
+            ckpt.save_best(step, eval_params(state), val["mean_auroc"])
         stop = preemption.should_stop(step)
         if epoch_end or step % config.checkpoint_every_steps == 0 or stop:
             ckpt.save(step, state, iterator_state)
@@ -323,13 +451,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             ckpt.wait()
             ckpt.close()
             preemption.restore()
-            logging.warning("stopped at step %d; rerun with the same workdir to resume", step)
+            print(f"stopped at step {step}; rerun with the same workdir to resume", flush=True)
             raise SystemExit(0)
     preemption.restore()
     ckpt.wait()
 
+    label_names = [info.label_names[i] for i in label_indices]
     results = {"label_names": label_names, "steps": step}
-    best = ckpt.restore_params("best", checkpoint.abstract(state["params"], state_shardings["params"]))
+    abstract_params = checkpoint.abstract(state["params"], state_shardings["params"])
+    best = ckpt.restore_params("best", abstract_params)
     for split in ("val", "test"):
         if not info.splits.get(split, {}).get("num_examples"):
             continue
@@ -343,6 +473,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     writer.close()
     ckpt.close()
     return results
+
+
+def _check_finite(flags: list, step: int, policy: str, ckpt: checkpoint.Checkpointer) -> None:
+    """Non-finite steps were skipped in the step itself; `stop` ends the run naming the step."""
+    bad = np.flatnonzero(~np.asarray(jax.device_get(flags), bool))
+    if not len(bad):
+        return
+    first = step - len(flags) + int(bad[0]) + 1
+    if policy == "skip":
+        print(
+            f"warning: skipped {len(bad)} steps with non-finite loss (first: {first})", flush=True
+        )
+        return
+    ckpt.wait()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {first}; the update was not applied and the last "
+        f"good checkpoint (step {ckpt.latest_step()}) is kept. Lower config.lr, set "
+        "config.grad_clip, or set config.nonfinite='skip' to skip such steps."
+    )
 
 
 def _flat(prefix: str, summary: dict) -> dict[str, float]:

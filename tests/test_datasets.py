@@ -346,7 +346,9 @@ def test_vindr_physionet_fixture(tmp_path, aggregation, cardio, effusion):
         _vindr_row("img2", "R5", {"No finding"}),
         _vindr_row("img2", "R6", {"Pneumonia"}),
     ]
-    header = ",".join(["image_id", "rad_id", *VINDR_COLUMNS])
+    # Both spellings of the reader column occur in the wild.
+    rad = "rad_ID" if aggregation == "any" else "rad_id"
+    header = ",".join(["image_id", rad, *VINDR_COLUMNS])
     _write(tmp_path / "annotations/image_labels_train.csv", header + "\n" + "\n".join(train) + "\n")
     test_header = ",".join(["image_id", *VINDR_COLUMNS])
     test_row = _vindr_row("img3", None, {"Nodule/Mass", "Pneumonia"})

@@ -12,6 +12,7 @@ import scipy.ndimage
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
@@ -117,6 +118,12 @@ def test_compressed_dicom_decodes_to_same_pixels(tmp_path, syntax):
     np.testing.assert_array_equal(read_image(plain), pixels.astype(np.float32))
 
 
+def test_dicom_without_suffix_is_recognised(tmp_path):
+    pixels = _phantom(30, 20, 12, seed=8)
+    path = _write_dicom(tmp_path / "1.2.840.99", pixels, bits_stored=12)
+    np.testing.assert_array_equal(read_image(path), pixels.astype(np.float32))
+
+
 def test_voi_lut_window_matches_pydicom(tmp_path):
     pixels = _phantom(50, 40, 12, seed=5)
     path = _write_dicom(
@@ -151,6 +158,31 @@ def test_pydicom_data_chest_cr_both_encodings():
     lungs = np.r_[band[:, cols // 5 : cols // 3].ravel(), band[:, -cols // 3 : -cols // 5].ravel()]
     mediastinum = band[:, cols // 2 - cols // 20 : cols // 2 + cols // 20]
     assert np.median(lungs) < np.median(mediastinum)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"],
+)
+def test_pydicom_testdata_lossless_syntaxes_match_uncompressed(name):
+    plain = get_testdata_file("MR_small.dcm", download=False)
+    packed = get_testdata_file(name, download=False)
+    if plain is None or packed is None:
+        pytest.skip("pydicom-data is not installed")
+    np.testing.assert_array_equal(read_image(packed), read_image(plain))
+    ds = pydicom.dcmread(plain)
+    np.testing.assert_array_equal(read_image(plain), apply_modality_lut(ds.pixel_array, ds))
+
+
+def test_pydicom_testdata_lossless_jpeg_process14():
+    path = get_testdata_file("JPEG-LL.dcm", download=False)
+    if path is None:
+        pytest.skip("pydicom-data is not installed")
+    ds = pydicom.dcmread(path)
+    assert "Process 14" in ds.file_meta.TransferSyntaxUID.name
+    got = read_image(path)
+    np.testing.assert_array_equal(got, apply_modality_lut(ds.pixel_array, ds))
+    assert got.shape == (ds.Rows, ds.Columns) and got.std() > 0
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared samples absent")
@@ -323,6 +355,15 @@ def test_broken_inputs_raise_image_read_error(tmp_path):
     del ds.PixelData
     ds.save_as(tmp_path / "nopix.dcm")
     _assert_read_error(tmp_path / "nopix.dcm", "Pixel Data")
+
+    j2k = _write_dicom(
+        tmp_path / "j2k.dcm", pixels, bits_stored=12, transfer_syntax=JPEG2000Lossless
+    )
+    ds = pydicom.dcmread(j2k)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:40] + bytes(len(frame) - 40)])
+    ds.save_as(tmp_path / "badj2k.dcm")
+    _assert_read_error(tmp_path / "badj2k.dcm", "cannot decode")
 
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(full.read_bytes()[:-1000])

@@ -17,6 +17,16 @@ def _init(model, size: int, seed: int = 0):
     return model.init({"params": jax.random.key(seed)}, x, train=False)["params"]
 
 
+@pytest.fixture(scope="module")
+def demo_params():
+    # Initialising is the slow part on CPU: do it once and share the parameters.
+    return _init(create_model("vit_tiny_demo", 3, head_zero_init=False), 64)
+
+
+def _apply(model, params, x, **kw):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, **kw))(params, x)
+
+
 def _images(n: int, size: int, seed: int = 0) -> jnp.ndarray:
     return jax.random.normal(jax.random.key(seed), (n, size, size, 3), jnp.float32)
 
@@ -55,7 +65,7 @@ def test_param_counts_and_flops_match_published_numbers():
 def test_flops_agree_with_xla_cost_analysis():
     # XLA counts every op (norms, softmax, GELU too), so matmuls alone must be slightly below it.
     model = create_model("vit_tiny_demo", 0)
-    params = _init(model, 64)
+    params = jax.eval_shape(lambda: _init(model, 64))
     compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, _images(1, 64))
     cost = compiled.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -63,64 +73,71 @@ def test_flops_agree_with_xla_cost_analysis():
     assert 0.85 * cost["flops"] <= ours <= cost["flops"]
 
 
-def test_forward_shapes_dtypes_and_headless_features():
-    model = create_model("vit_tiny_demo", 5, head_zero_init=False)
-    params = _init(model, 64)
-    logits, feats = model.apply({"params": params}, _images(3, 64), return_features=True)
-    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+def test_forward_shapes_dtypes_and_headless_features(demo_params):
+    model = create_model("vit_tiny_demo", 3)
+    params = demo_params
+    logits, feats = _apply(model, params, _images(3, 64), return_features=True)
+    assert logits.shape == (3, 3) and logits.dtype == jnp.float32
     assert feats.shape == (3, 96)
     # The head is a plain linear map of the final-norm CLS features.
     expected = feats @ params["head"]["kernel"] + params["head"]["bias"]
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     backbone = create_model("vit_tiny_demo", 0)
-    bparams = _init(backbone, 64)
-    assert "head" not in bparams
-    out = backbone.apply({"params": bparams}, _images(2, 64))
-    assert out.shape == (2, 96)
+    shapes = jax.eval_shape(lambda: _init(backbone, 64))
+    assert "head" not in shapes
+    bparams = {k: v for k, v in params.items() if k != "head"}
+    np.testing.assert_allclose(_apply(backbone, bparams, _images(3, 64)), feats, atol=1e-6)
 
 
 def test_head_zero_init_gives_zero_logits():
-    model = create_model("vit_tiny_demo", 4)
+    model = create_model("vit_tiny_demo", 4, depth=1)
     params = _init(model, 64)
     assert not np.any(np.asarray(model.apply({"params": params}, _images(2, 64))))
+    other = _init(create_model("vit_tiny_demo", 4, depth=1, head_zero_init=False), 64)
+    assert np.any(np.asarray(other["head"]["kernel"]))
 
 
-def test_bf16_compute_keeps_float32_params_and_stays_close():
-    f32 = create_model("vit_tiny_demo", 3, head_zero_init=False)
-    bf16 = create_model("vit_tiny_demo", 3, head_zero_init=False, dtype="bfloat16")
-    params = _init(f32, 64)
-    params_bf = _init(bf16, 64)
+def test_bf16_compute_keeps_float32_params_and_stays_close(demo_params):
+    f32 = create_model("vit_tiny_demo", 3)
+    bf16 = create_model("vit_tiny_demo", 3, dtype="bfloat16")
+    params = demo_params
+    params_bf = jax.eval_shape(lambda: _init(bf16, 64))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_bf))
     x = _images(4, 64)
-    a = f32.apply({"params": params}, x)
-    b = bf16.apply({"params": params}, x)
+    a = _apply(f32, params, x)
+    b = _apply(bf16, params, x)
     assert b.dtype == jnp.float32
     rel = np.abs(np.asarray(a - b)).max() / np.abs(np.asarray(a)).max()
     assert rel < 5e-2
 
 
-def test_dropout_and_drop_path_only_act_in_training():
-    model = create_model("vit_tiny_demo", 3, head_zero_init=False, dropout=0.1, drop_path=0.2)
-    params = _init(model, 64)
+def test_dropout_and_drop_path_only_act_in_training(demo_params):
+    model = create_model("vit_tiny_demo", 3, dropout=0.1, drop_path=0.2)
+    params = demo_params
     x = _images(8, 64)
-    ev1 = model.apply({"params": params}, x, train=False)
-    ev2 = model.apply({"params": params}, x, train=False)
+
+    @jax.jit
+    def run(rng, model=model):
+        ev = model.apply({"params": params}, x, train=False)
+        tr = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        return ev, tr
+
+    ev1, tr1 = run(jax.random.key(1))
+    ev2, tr2 = run(jax.random.key(2))
     np.testing.assert_array_equal(ev1, ev2)
-    tr1 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
-    tr2 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(tr1, tr2)
     assert not np.allclose(tr1, ev1)
-    plain = create_model("vit_tiny_demo", 3, head_zero_init=False)
-    tr = plain.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
-    np.testing.assert_allclose(tr, ev1, atol=1e-6)
+    plain = create_model("vit_tiny_demo", 3)
+    tr = _apply(plain, params, x, train=True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(tr, ev1, atol=1e-5)
 
 
-def test_remat_gives_identical_gradients():
+def test_remat_gives_identical_gradients(demo_params):
     x = _images(2, 64)
+    params = demo_params
     grads = []
     for remat in (False, True):
-        model = create_model("vit_tiny_demo", 3, head_zero_init=False, remat=remat, drop_path=0.1)
-        params = _init(model, 64)
+        model = create_model("vit_tiny_demo", 3, remat=remat, drop_path=0.1)
 
         def loss(p, model=model):
             out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)})
@@ -133,39 +150,40 @@ def test_remat_gives_identical_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_registers_are_parameters_and_change_output():
-    model = create_model("vit_tiny_demo", 2, head_zero_init=False, num_registers=3)
-    params = _init(model, 64)
-    assert params["registers"].shape == (1, 3, 96)
+def test_registers_are_parameters_and_change_output(demo_params):
+    model = create_model("vit_tiny_demo", 3, num_registers=3)
+    shapes = jax.eval_shape(lambda: _init(model, 64))
+    assert shapes["registers"].shape == (1, 3, 96)
     x = _images(2, 64)
-    a = model.apply({"params": params}, x)
+    params = dict(demo_params, registers=jnp.zeros((1, 3, 96)))
+    a = _apply(model, params, x)
     # A random bump: a constant shift per token would be removed by the first LayerNorm.
     bumped = dict(params, registers=jax.random.normal(jax.random.key(9), (1, 3, 96)))
-    assert not np.allclose(a, model.apply({"params": bumped}, x))
+    assert not np.allclose(a, _apply(model, bumped, x))
 
 
-def test_other_input_sizes_resample_posemb_on_the_fly():
-    small = create_model("vit_tiny_demo", 3, head_zero_init=False)
-    params = _init(small, 64)
+def test_other_input_sizes_resample_posemb_on_the_fly(demo_params):
+    small = create_model("vit_tiny_demo", 3)
+    params = demo_params
     x = _images(2, 96)
-    on_the_fly = small.apply({"params": params}, x)
-    big = create_model("vit_tiny_demo", 3, head_zero_init=False, image_size=96)
+    on_the_fly = _apply(small, params, x)
+    big = create_model("vit_tiny_demo", 3, image_size=96)
     resampled = dict(params)
     resampled["pos_embedding"] = resample_posemb(
         np.asarray(params["pos_embedding"]), 1, (12, 12), "timm"
     )
-    np.testing.assert_allclose(on_the_fly, big.apply({"params": resampled}, x), atol=1e-5)
+    np.testing.assert_allclose(on_the_fly, _apply(big, resampled, x), atol=1e-5)
     # Non-square inputs work too.
-    assert small.apply({"params": params}, _images(1, 64)[:, :, :48]).shape == (1, 3)
+    assert _apply(small, params, _images(1, 64)[:, :, :48]).shape == (1, 3)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         small.apply({"params": params}, _images(1, 60))
 
 
-def test_a_few_steps_of_training_fit_a_batch():
-    model = create_model("vit_tiny_demo", 4, head_zero_init=True)
-    params = _init(model, 64)
+def test_a_few_steps_of_training_fit_a_batch(demo_params):
+    model = create_model("vit_tiny_demo", 3)
+    params = dict(demo_params, head=jax.tree.map(jnp.zeros_like, demo_params["head"]))
     x = _images(8, 64, seed=5)
-    y = (jax.random.uniform(jax.random.key(6), (8, 4)) > 0.5).astype(jnp.float32)
+    y = (jax.random.uniform(jax.random.key(6), (8, 3)) > 0.5).astype(jnp.float32)
     tx = optax.adamw(1e-3)
     opt = tx.init(params)
 

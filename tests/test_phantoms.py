@@ -107,7 +107,7 @@ def test_every_format_present_and_decodable(tmp_path: Path) -> None:
             if ds.file_meta.TransferSyntaxUID == JPEG2000Lossless:
                 kinds.append("dcm_j2k")
             else:
-                kinds.append("dcm_" + ds.PhotometricInterpretation[-5:].lower())
+                kinds.append(ds.PhotometricInterpretation.replace("MONOCHROME", "dcm_mono"))
         else:
             with Image.open(path) as im:
                 mode = im.mode
@@ -176,34 +176,54 @@ def test_prevalence_and_independence() -> None:
     assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.06
 
 
-def _ctr_from_pixels(density: np.ndarray) -> float:
-    """Cardiothoracic ratio read off a noise-free image: widest heart run over widest thorax."""
-    smooth = ndimage.median_filter(density, 5)
-    lucent = smooth < 0.5 * (
-        np.percentile(smooth[smooth > 0.2], 15) + np.median(smooth[smooth > 0.2])
-    )
-    rows, cols = density.shape
-    mid = cols // 2
-    thorax = heart = 0
-    for r in range(rows // 4, rows):
-        lung_cols = np.flatnonzero(lucent[r])
-        left, right = lung_cols[lung_cols < mid], lung_cols[lung_cols > mid]
-        if len(left) == 0 or len(right) == 0:
-            continue
-        thorax = max(thorax, right.max() - left.min())
-        heart = max(heart, right.min() - left.max())
-    return heart / thorax
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, 128)
+    centres = (edges[1:] + edges[:-1]) / 2
+    weight, mass = np.cumsum(hist), np.cumsum(hist * centres)
+    between = (mass[-1] * weight / weight[-1] - mass) ** 2 / (weight * (weight[-1] - weight) + 1e-9)
+    return float(centres[np.argmax(between)])
+
+
+def _ctr_from_pixels(density: np.ndarray, row: int) -> float:
+    """Cardiothoracic ratio read off the pixels: the opaque run across the midline at `row`
+    over the widest extent of the two lung fields (the largest lucent areas)."""
+    smooth = ndimage.median_filter(density, 3)
+    inside = smooth > 0.05
+    lucent = inside & (smooth < _otsu(smooth[inside]))
+    # Opening drops the thin lucent strip of thin soft tissue at the body edge.
+    lungs = ndimage.binary_opening(lucent, np.ones((7, 7)))
+    labels, n = ndimage.label(lungs)
+    sizes = ndimage.sum(lungs, labels, range(1, n + 1))
+    lungs = np.isin(labels, np.argsort(sizes)[-2:] + 1)
+    cols = np.flatnonzero(lungs.any(0))
+    lo, hi = cols.min(), cols.max()
+    mid = (lo + hi) // 2
+    left = np.flatnonzero(lucent[row, lo:mid]) + lo
+    right = np.flatnonzero(lucent[row, mid : hi + 1]) + mid
+    return (right.min() - left.max() - 1) / (hi - lo + 1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cardiomegaly_widens_the_heart_shadow(seed: int) -> None:
     anatomy = upright(seed)
-    normal = render_density(anatomy, NO_FINDINGS, (192, 192))
-    big = render_density(anatomy, dataclasses.replace(NO_FINDINGS, cardiomegaly=True), (192, 192))
-    ctr_normal, ctr_big = _ctr_from_pixels(normal), _ctr_from_pixels(big)
-    assert abs(ctr_normal - anatomy.ctr_normal) < 0.05
-    assert abs(ctr_big - anatomy.ctr_enlarged) < 0.05
-    assert ctr_normal < 0.5 < ctr_big
+    ratios = []
+    for findings in (NO_FINDINGS, dataclasses.replace(NO_FINDINGS, cardiomegaly=True)):
+        density = render_density(anatomy, findings, (192, 192))
+        # Measure at the level of the heart's widest diameter, as a reader would.
+        row = int(np.argmax((phantom_regions(anatomy, findings, (192, 192))["heart"] > 0.5).sum(1)))
+        ratios.append(_ctr_from_pixels(density, row))
+    assert abs(ratios[0] - anatomy.ctr_normal) < 0.03
+    assert abs(ratios[1] - anatomy.ctr_enlarged) < 0.03
+    assert ratios[0] < 0.5 < ratios[1]
+
+
+def test_cardiothoracic_ratios_are_separated() -> None:
+    rng = np.random.default_rng(0)
+    anatomies = [sample_anatomy(rng) for _ in range(500)]
+    normal = np.array([a.ctr_normal for a in anatomies])
+    enlarged = np.array([a.ctr_enlarged for a in anatomies])
+    assert 0.41 < normal.mean() < 0.45 and normal.max() < 0.5
+    assert enlarged.min() > 0.5
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -238,7 +258,9 @@ def test_pneumothorax_rim_is_dark_without_vessels(side: int) -> None:
     size[side] = 0.3
     ptx = Findings(cardiomegaly=False, effusion=(0.0, 0.0), pneumothorax=tuple(size))
     rim = phantom_regions(anatomy, ptx, shape)["pneumothorax"] > 0.95
-    assert rim.sum() > 200
+    # Away from the pleural line and the chest wall, whose edges the high-pass filter sees.
+    rim = ndimage.binary_erosion(rim, iterations=4)
+    assert rim.sum() > 100
     clear, collapsed = (
         render_density(anatomy, NO_FINDINGS, shape),
         render_density(anatomy, ptx, shape),
@@ -265,7 +287,9 @@ def test_follow_ups_share_anatomy() -> None:
 
 
 def test_logistic_regression_learns_but_not_trivially(tmp_path: Path) -> None:
-    csv = write_phantom_dataset(tmp_path, n_patients=300, images_per_patient=(1, 1), image_size=64)
+    csv = write_phantom_dataset(
+        tmp_path, n_patients=300, images_per_patient=(1, 1), image_size=64, workers=1
+    )
     frame = pd.read_csv(csv)
 
     def features(path: str) -> np.ndarray:
@@ -285,13 +309,16 @@ def test_logistic_regression_learns_but_not_trivially(tmp_path: Path) -> None:
         )
         aurocs[name] = roc_auc_score(y, scores)
     print("logistic regression 16x16 AUROC:", {k: round(v, 3) for k, v in aurocs.items()})
-    assert min(aurocs.values()) > 0.6, aurocs
+    # The heart's size and the basal fluid change many pixels at once; the pneumothorax is a
+    # thin rim whose place moves with the pose, so a linear model barely finds it at 16x16.
+    assert min(aurocs["cardiomegaly"], aurocs["pleural_effusion"], aurocs["no_finding"]) > 0.75
+    assert 0.55 < aurocs["pneumothorax"] < 0.8, aurocs
     assert not all(v > 0.99 for v in aurocs.values()), aurocs
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     phantoms.main(
-        ["--out", str(tmp_path), "--patients", "3", "--image_size", "32", "--workers", "1"]
+        ["--out", str(tmp_path), "--patients", "3", "--image_size", "48", "--workers", "1"]
     )
     assert "of 3 patients" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "labels.csv")) >= 3

@@ -244,6 +244,23 @@ def test_dry_run_counts_and_writes_no_shards(tmp_path, monkeypatch, capsys):
     assert "no_finding" in printed and "images" in printed
 
 
+def test_no_official_split_resplits_by_patient(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRJAX_SALT", SALT)
+    raw = tmp_path / "raw"
+    _mimic(raw)
+    base = ["--dataset", "mimic", "--raw", str(raw), "--dry-run"]
+    assert _tool().main([*base, "--out", str(tmp_path / "a")]) == 0
+    official = json.loads((tmp_path / "a" / "summary.json").read_text())["splits"]
+    # The fixture's split file: train, validate, test in turn over six images.
+    assert [official[s]["images"] for s in ("train", "val", "test")] == [2, 2, 2]
+    argv = [*base, "--out", str(tmp_path / "b"), "--no-official-split", "--test-fraction", "0.5"]
+    assert _tool().main(argv) == 0
+    table = _tool().read_table(_tool()._parser().parse_args([*argv]))
+    assert set(table.frame["split"]) == {""}
+    resplit = json.loads((tmp_path / "b" / "summary.json").read_text())["splits"]
+    assert sum(s["images"] for s in resplit.values()) == 6
+
+
 def test_bad_metadata_exits_before_image_work(tmp_path, capsys):
     raw = tmp_path / "raw"
     _text(raw / "labels.csv", "path,cardiomegaly\na.png,1\n")

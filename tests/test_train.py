@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 
-from cxrjax import train
 from configs import demo
+from cxrjax import train
 
 
 def _config(data_dir, epochs=2):
@@ -40,7 +40,9 @@ def test_train_writes_results_checkpoints_events_and_resumes(tiny_shards, tmp_pa
     more = train.train_and_evaluate(_config(tiny_shards, epochs=3), workdir)
     assert more["steps"] == 3 * steps_per_epoch
     logged_steps = [
-        int(line.split("]")[0][1:]) for line in capsys.readouterr().out.splitlines() if line[:1] == "["
+        int(line.split("]")[0][1:])
+        for line in capsys.readouterr().out.splitlines()
+        if line[:1] == "["
     ]
     assert min(logged_steps) > 2 * steps_per_epoch
 

@@ -4,7 +4,8 @@
       --raw DIR --out DIR [--size 224] [--labels NAME... | SET] [--uncertain zeros|ones|mask]
       [--vindr-aggregation majority|any] [--csv FILE] [--threshold T]
       [--resize squash|pad] [--resample reduce|zoom] [--no-equalize] [--voi-lut]
-      [--val-fraction 0.1] [--test-fraction 0.2] [--train-fraction 0.01 0.1 0.5] [--seed 0]
+      [--no-official-split] [--val-fraction 0.1] [--test-fraction 0.2]
+      [--train-fraction 0.01 0.1 0.5] [--seed 0]
       [--workers N] [--dry-run] [--bench N]
 
 --dry-run reads the label files only (no image is opened) and prints per split the images,
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", default="reduce", choices=RESAMPLE_MODES)
     p.add_argument("--no-equalize", action="store_true", help="skip histogram equalisation")
     p.add_argument("--voi-lut", action="store_true", help="DICOM: apply VOI LUT / window")
+    p.add_argument(
+        "--no-official-split",
+        action="store_true",
+        help="ignore the dataset's official split: seeded patient-level split of every image\n"
+        "(the study split MIMIC-CXR this way although MIMIC ships a split file)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--train-fraction", type=float, nargs="+", default=[], dest="train_fractions")
@@ -77,13 +84,17 @@ def read_table(args: argparse.Namespace) -> RawTable:
     if args.dataset == "csv":
         if isinstance(labels, str):
             raise SystemExit("--dataset csv takes explicit --labels column names, not a set name")
-        return READERS["csv"](args.raw, csv=args.csv, labels=labels, threshold=args.threshold)
-    if args.csv is not None or args.threshold is not None:
-        raise SystemExit("--csv and --threshold apply to --dataset csv only")
-    kwargs: dict = {"labels": labels, "uncertain": args.uncertain}
-    if args.dataset == "vindr":
-        kwargs["aggregation"] = args.vindr_aggregation
-    return READERS[args.dataset](args.raw, **kwargs)
+        table = READERS["csv"](args.raw, csv=args.csv, labels=labels, threshold=args.threshold)
+    else:
+        if args.csv is not None or args.threshold is not None:
+            raise SystemExit("--csv and --threshold apply to --dataset csv only")
+        kwargs: dict = {"labels": labels, "uncertain": args.uncertain}
+        if args.dataset == "vindr":
+            kwargs["aggregation"] = args.vindr_aggregation
+        table = READERS[args.dataset](args.raw, **kwargs)
+    if args.no_official_split:
+        table = RawTable(table.name, table.label_names, table.frame.assign(split=""))
+    return table
 
 
 def _format_counts(summary: dict) -> str:

@@ -15,7 +15,9 @@ def ensure_demo_dataset(directory: str | Path, *, patients: int, image_size: int
     directory = Path(directory)
     if (directory / shards.INFO_FILE).is_file():
         return directory
-    print(f"writing {patients} phantom patients (DICOM, PNG, JPG) to {directory / 'raw'}", flush=True)
+    print(
+        f"writing {patients} phantom patients (DICOM, PNG, JPG) to {directory / 'raw'}", flush=True
+    )
     csv_path = phantoms.write_phantom_dataset(directory / "raw", n_patients=patients, seed=0)
     table = read_csv(csv_path)
     summary = prepare_dataset(
@@ -28,5 +30,7 @@ def ensure_demo_dataset(directory: str | Path, *, patients: int, image_size: int
         salt="cxrjax-demo",
     )
     counts = {s: v["images"] for s, v in summary["splits"].items()}
-    print(f"prepared demo shards in {directory}: {counts}, skipped {summary['skipped']}", flush=True)
+    print(
+        f"prepared demo shards in {directory}: {counts}, skipped {summary['skipped']}", flush=True
+    )
     return directory

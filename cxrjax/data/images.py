@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 RESIZE_MODES = ("squash", "pad")
 RESAMPLE_MODES = ("reduce", "zoom")
 # ITU-R BT.601 luma, the weights PIL and OpenCV use for RGB -> gray.
@@ -71,6 +72,9 @@ class PreprocessOptions:
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    # No telling suffix (e.g. MIMIC's or UKA's bare DICOM names): look for the DICM preamble.
     with open(path, "rb") as f:
         head = f.read(132)
     return head[128:132] == b"DICM"
@@ -108,8 +112,11 @@ def _read_dicom(path: Path, voi_lut: bool) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except (RuntimeError, NotImplementedError) as e:
+        # pydicom raises RuntimeError both for a missing decoder and for a corrupt stream.
         raise ImageReadError(
-            path, f"cannot decode {tsyntax.name} pixel data ({e})", _PLUGIN_FIX
+            path,
+            f"cannot decode {tsyntax.name} pixel data ({e})",
+            f"{_PLUGIN_FIX}; if they are installed the file is corrupt: re-download or skip it",
         ) from e
     except (ValueError, OSError, AttributeError, TypeError, KeyError) as e:
         raise ImageReadError(
@@ -188,7 +195,7 @@ def _resize(image: np.ndarray, shape: tuple[int, int], resample: str) -> np.ndar
         fy = max(1, image.shape[0] // (2 * shape[0]))
         fx = max(1, image.shape[1] // (2 * shape[1]))
         if fy > 1 or fx > 1:
-            image = np.asarray(Image.fromarray(image, mode="F").reduce((fx, fy)))
+            image = np.asarray(Image.fromarray(image).reduce((fx, fy)))
     zoom = (shape[0] / image.shape[0], shape[1] / image.shape[1])
     out = scipy.ndimage.zoom(image, zoom, order=2)
     # zoom rounds the output shape; with these factors it is exactly `shape`, but guard anyway.

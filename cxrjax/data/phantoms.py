@@ -122,7 +122,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         scale=rng.uniform(0.82, 1.0),
         shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.03, 0.05)),
         rotation=rng.uniform(-5.0, 5.0),
-        aspect=rng.choice([1.0, 1.0, 0.82, 0.9, 1.12]),
+        aspect=float(rng.choice([1.0, 1.0, 0.82, 0.9, 1.12])),
         lung_top=rng.uniform(-0.40, -0.34),
         lung_bottom=rng.uniform(0.22, 0.30),
         lung_medial=rng.uniform(0.06, 0.08),
@@ -195,7 +195,6 @@ class _Frame:
         c, s = np.float32(np.cos(self.theta)), np.float32(np.sin(self.theta))
         self.x = (c * dx + s * dy) / anatomy.scale
         self.y = (-s * dx + c * dy) / anatomy.scale
-        self.xi, self.yi = xi, yi
 
     def to_pixels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Anatomy coordinates -> (row, col) in pixels (continuous)."""
@@ -412,12 +411,13 @@ def _vessels(anatomy: Anatomy, f: _Frame) -> np.ndarray:
     width_px = seg[idx, 4] * f.px
     out = np.zeros(f.shape, np.float32)
     # Splat by width class, then blur each class with its own sigma: thick trunks are soft,
-    # peripheral branches fine. Density per sample scales with calibre.
+    # peripheral branches fine. Density per sample scales with calibre, floored so that the
+    # sub-pixel peripheral branches still leave faint markings out to the chest wall.
     for lo, hi in ((0.0, 1.0), (1.0, 2.0), (2.0, np.inf)):
         sel = (width_px >= lo) & (width_px < hi)
         if not sel.any():
             continue
-        layer = _splat(f.shape, rows[sel], cols[sel], width_px[sel])
+        layer = _splat(f.shape, rows[sel], cols[sel], np.maximum(width_px[sel], 0.8))
         sigma = max(0.6, float(np.median(width_px[sel])) / 2)
         out += ndimage.gaussian_filter(layer, sigma, mode="constant")
     return out
@@ -630,10 +630,11 @@ def write_phantom_dataset(
     renders patients in parallel processes (default: up to 4, one per CPU).
     """
     lo, hi = images_per_patient
-    if n_patients < 1 or not 1 <= lo <= hi or image_size < 32:
+    # JPEG 2000's default 6 resolution levels need both sides >= 32 px (aspect down to 0.82).
+    if n_patients < 1 or not 1 <= lo <= hi or image_size < 40:
         raise ValueError(
             f"write_phantom_dataset: need n_patients >= 1, 1 <= images_per_patient[0] <= [1] and "
-            f"image_size >= 32; got {n_patients}, {images_per_patient}, {image_size}"
+            f"image_size >= 40; got {n_patients}, {images_per_patient}, {image_size}"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ def split_counts(frame: pd.DataFrame, label_names: list[str]) -> dict[str, dict]
         out[split] = {
             "images": len(rows),
             "patients": int(rows["patient_hash"].nunique()),
-            "positives": dict(zip(label_names, np.nansum(labels == 1, 0).astype(int).tolist())),
-            "masked": dict(zip(label_names, np.isnan(labels).sum(0).astype(int).tolist())),
+            "positives": dict(zip(label_names, np.sum(labels == 1, 0).tolist(), strict=True)),
+            "masked": dict(zip(label_names, np.isnan(labels).sum(0).tolist(), strict=True)),
         }
     return out
 
@@ -75,7 +75,7 @@ def prepare_dataset(
     table: RawTable,
     out_dir: str | Path,
     *,
-    options: PreprocessOptions = PreprocessOptions(),
+    options: PreprocessOptions | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     train_fractions: Sequence[float] = (),
@@ -86,6 +86,7 @@ def prepare_dataset(
 ) -> dict:
     """Writes shards of `table` into `out_dir` (or, with `dry_run`, only the split summary)."""
     out_dir = Path(out_dir)
+    options = options or PreprocessOptions()
     out_dir.mkdir(parents=True, exist_ok=True)
     salt = salt or os.environ.get("CXRJAX_SALT") or secrets.token_hex(16)
     frame = table.frame.reset_index(drop=True).copy()
@@ -112,10 +113,13 @@ def prepare_dataset(
     }
     written: dict[str, list[int]] = {s: [] for s in SPLITS}
     skipped = []
-    for row, result in zip(frame.itertuples(), _decoded(frame["path"].tolist(), options, workers)):
+    decoded = _decoded(frame["path"].tolist(), options, workers)
+    for row, result in zip(frame.itertuples(), decoded, strict=True):
         if isinstance(result, str):
             print(f"skipped: {result}", file=sys.stderr, flush=True)
-            skipped.append({"image": row.image_hash, "split": row.split, "error": _strip(result, row.path)})
+            skipped.append(
+                {"image": row.image_hash, "split": row.split, "error": _strip(result, row.path)}
+            )
             continue
         labels = frame.loc[row.Index, table.label_names].to_numpy(dtype=np.float32)
         example = shards.Example(result, labels, row.image_hash, row.patient_hash)

@@ -1,4 +1,4 @@
-"""The on-disk form of a prepared dataset: ArrayRecord shards of uint8 images plus dataset_info.json.
+"""A prepared dataset on disk: ArrayRecord shards of uint8 images plus dataset_info.json.
 
 One record = a fixed header, the labels as float32 (NaN = masked), the salted image id, and the raw
 uint8 pixels. Decoding is a handful of `np.frombuffer` calls: no image codec on the training path.

@@ -77,7 +77,7 @@ def check_leakage(patient_hashes: pd.Series, split: pd.Series) -> None:
         example = leaked.index[0]
         splits = sorted(per_patient.loc[per_patient["p"] == example, "s"].unique())
         raise LeakageError(
-            f"{len(leaked)} patients appear in more than one split (e.g. hashed patient {example} in "
-            f"{splits}). The official split puts one patient in two splits or patient ids are wrong; "
-            "fix the label file or drop the official split (--ignore-official-split)."
+            f"{len(leaked)} patients appear in more than one split (e.g. hashed patient "
+            f"{example} in {splits}). The official split puts one patient in two splits or the "
+            "patient ids are wrong: fix the label file, or drop its split column."
         )

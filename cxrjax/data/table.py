@@ -39,7 +39,9 @@ class RawTable:
             raise ValueError(f"{self.name}: table lacks columns {missing}")
         bad = set(self.frame["split"].unique()) - set(OFFICIAL_SPLITS)
         if bad:
-            raise ValueError(f"{self.name}: unknown split values {sorted(bad)}; use {OFFICIAL_SPLITS}")
+            raise ValueError(
+                f"{self.name}: unknown split values {sorted(bad)}; use {OFFICIAL_SPLITS}"
+            )
         if self.frame["image_id"].duplicated().any():
             dup = self.frame["image_id"][self.frame["image_id"].duplicated()].iloc[0]
             raise ValueError(f"{self.name}: image_id {dup!r} occurs twice")

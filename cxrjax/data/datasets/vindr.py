@@ -81,8 +81,11 @@ def _physionet(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Pa
     annotations = raw / "annotations"
     train_path = find_file(annotations, ["image_labels_train.csv"], "VinDr train labels")
     test_path = find_file(annotations, ["image_labels_test.csv"], "VinDr test labels")
-    train = read_csv_checked(train_path, ["image_id", "rad_id"])
-    test = read_csv_checked(test_path, ["image_id"])
+    # Some releases spell the reader column rad_ID.
+    train = read_csv_checked(train_path, ["image_id"]).rename(columns={"rad_ID": "rad_id"})
+    test = read_csv_checked(test_path, ["image_id"]).rename(columns={"rad_ID": "rad_id"})
+    if "rad_id" not in train:
+        raise MetadataError(f"{train_path}: missing column 'rad_id'; use the file as published")
     label_columns = [c for c in train.columns if c not in ("image_id", "rad_id")]
     missing = [c for c in label_columns if c not in test.columns]
     if missing:
