@@ -92,9 +92,10 @@ def test_summarize_matches_numpy():
     rng = np.random.default_rng(2)
     x = rng.random((500, 3))
     x[7, 1] = np.nan
+    x[9, 2] = np.inf  # a Youden threshold above every score
     got = bs.summarize(x)
     for j in range(3):
-        v = x[~np.isnan(x[:, j]), j]
+        v = x[np.isfinite(x[:, j]), j]
         assert got["mean"][j] == pytest.approx(v.mean(), abs=1e-14)
         assert got["sd"][j] == pytest.approx(v.std(ddof=1), abs=1e-14)
         assert got["ci_low"][j] == pytest.approx(np.percentile(v, 2.5), abs=1e-14)

@@ -124,6 +124,13 @@ def test_compare_same_init_two_seeds_and_predictions_files(tmp_path):
     cols = [c for c in table.columns if c.startswith("p ")]
     assert cols == [f"p scratch ({r2.name})>scratch ({r1.name})"]
     assert not (out / "auroc_vs_fraction.png").exists()
+    # Same experiment name too (one config run twice): the run directories name the columns.
+    for r in (r1, r2):
+        config = json.loads((r / "config.json").read_text())
+        (r / "config.json").write_text(json.dumps({**config, "experiment": "demo"}))
+    assert compare_tool.main(args) == 0
+    cols = [c for c in pd.read_csv(out / "comparison.csv").columns if c.startswith("p ")]
+    assert cols == [f"p scratch ({r2.name})>scratch ({r1.name})"]
 
 
 def test_compare_rejects_unpaired_runs(tmp_path, capsys):

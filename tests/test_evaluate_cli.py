@@ -49,6 +49,20 @@ def test_predictions_mode_writes_metrics_json(tmp_path):
     assert "threshold" not in js["mean"] and "f1" in js["mean"]
 
 
+def test_chance_level_label_gives_valid_json(tmp_path):
+    preds = _preds()
+    # Scores that rank every negative above every positive: no threshold beats chance, so the
+    # Youden point is +inf (nothing called positive), which JSON must still carry.
+    preds.probs[:, 0] = 1 - preds.labels[:, 0] + 0.01 * np.arange(len(preds.ids)) / 1000
+    path = tmp_path / "predictions_test.npz"
+    save_predictions(path, preds)
+    assert evaluate.main(["evaluate", f"--predictions={path}", "--bootstrap=20"]) == 0
+    js = json.loads((tmp_path / "metrics_test.json").read_text())
+    card = js["per_label"]["cardiomegaly"]
+    assert card["threshold"]["point"] is None and card["sensitivity"]["point"] == 0.0
+    assert card["specificity"]["mean"] == 1.0
+
+
 def test_metrics_beside_predictions_by_default(tmp_path):
     path = tmp_path / "run_a.npz"
     save_predictions(path, _preds())

@@ -229,6 +229,10 @@ def test_resample_matches_torch_interpolate(old, new):
     np.testing.assert_allclose(resample_grid(grid, (new, new), "dinov2"), ref, atol=5e-5)
     ours = resample_grid(jnp.asarray(grid), (new, new), "dinov2")
     np.testing.assert_allclose(np.asarray(ours), ref, atol=5e-5)
+    # transformers' ViT / Dinov2 interpolate_pos_encoding (size, no antialias).
+    ref = F.interpolate(t, size=(new, new), mode="bicubic", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(resample_grid(grid, (new, new), "hf"), ref, atol=5e-5)
     # timm's resample_abs_pos_embed (size, antialias=True).
     ref = F.interpolate(t, size=(new, new), mode="bicubic", antialias=True, align_corners=False)
     ref = ref.permute(0, 2, 3, 1).numpy()

@@ -82,13 +82,21 @@ def load_run(path: str | Path, split: str = "test") -> Run:
     )
 
 
+def _run_dir_name(source: str) -> str:
+    path = Path(source)
+    return path.parent.name if path.suffix == ".npz" else path.name
+
+
 def _assign_columns(runs: list[Run]) -> None:
-    """Column = init; runs sharing an init on one dataset and fraction (seeds) add experiment."""
+    """Column = init; runs sharing an init on one dataset and fraction (seeds) add their
+    experiment name, else their directory name, else a number."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.dataset, r.train_fraction, r.init)].append(r)
     for members in groups.values():
         names = [r.init if len(members) == 1 else f"{r.init} ({r.experiment})" for r in members]
+        if len(set(names)) < len(names):
+            names = [f"{r.init} ({_run_dir_name(r.source)})" for r in members]
         if len(set(names)) < len(names):
             names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
         for r, n in zip(members, names, strict=True):

@@ -84,9 +84,10 @@ def geometry(u: Any, augment: Augment, height: int, width: int, xp: Any = jnp) -
     theta = (2 * u[..., 1] - 1) * math.radians(augment.max_rotation)
     lo, hi = augment.crop_area
     area = lo + (hi - lo) * u[..., 2]
-    log_ratio = math.log(augment.crop_ratio[0]) + u[..., 3] * (
-        math.log(augment.crop_ratio[1]) - math.log(augment.crop_ratio[0])
-    )
+    log_lo, log_hi = (math.log(r) for r in augment.crop_ratio)
+    if augment.crop_area == (1.0, 1.0):
+        log_lo = log_hi = 0.0  # no crop: the aspect ratio must not squeeze the whole image
+    log_ratio = log_lo + u[..., 3] * (log_hi - log_lo)
     crop_w = xp.minimum(1.0, xp.sqrt(area * xp.exp(log_ratio)))
     crop_h = xp.minimum(1.0, xp.sqrt(area / xp.exp(log_ratio)))
     # Crop box centre in input pixels (the box's left edge is uniform over the free width).

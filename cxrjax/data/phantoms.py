@@ -324,6 +324,11 @@ def _body(anatomy: Anatomy, f: _Frame) -> np.ndarray:
 # ----------------------------------------------------------------------------------- drawing
 
 
+def _bump(t: np.ndarray) -> np.ndarray:
+    """Compact stand-in for exp(-t**2) (same half width), several times cheaper to evaluate."""
+    return np.square(np.clip(1.0 - t * t / 2.25, 0.0, None))
+
+
 def _ribs(anatomy: Anatomy, f: _Frame) -> np.ndarray:
     """Posterior ribs (bright bands sweeping down-laterally), fainter anterior ribs, clavicles."""
     ax = np.abs(f.x)
@@ -335,20 +340,19 @@ def _ribs(anatomy: Anatomy, f: _Frame) -> np.ndarray:
     k = np.clip(np.round(phase), 0, n_ribs - 1)
     offset = (phase - k) * anatomy.rib_spacing
     thick = 0.016 + 0.002 * k / (n_ribs - 1)
-    posterior = np.exp(-((offset / thick) ** 2))
+    posterior = _bump(offset / thick)
     # Cortical rims are denser than the marrow.
     posterior *= 0.7 + 0.3 * (np.abs(offset) > 0.5 * thick)
     lateral = anatomy.lung_lateral + 0.025
     phase = (f.y - anatomy.rib_start - 0.13 + 0.55 * (lateral - 0.005 - ax)) / anatomy.rib_spacing
     k = np.clip(np.round(phase), 0, n_ribs - 1)
     offset = (phase - k) * anatomy.rib_spacing
-    anterior = 0.45 * np.exp(-((offset / 0.013) ** 2)) * (ax > 0.08)
+    anterior = 0.45 * _bump(offset / 0.013) * (ax > 0.08)
     ribs = np.maximum(posterior, anterior)
     ribs *= f.soft(lateral - ax, 2.0) * f.soft(ax - 0.03, 1.0)
     clavicle_centre = anatomy.lung_top + 0.02 - 0.18 * (ax - 0.05)
-    clavicle = np.exp(-(((f.y - clavicle_centre) / 0.014) ** 2)) * f.soft(
-        (ax - 0.05) * (lateral + 0.03 - ax), 1.0
-    )
+    clavicle = _bump((f.y - clavicle_centre) / 0.014)
+    clavicle *= f.soft((ax - 0.05) * (lateral + 0.03 - ax), 1.0)
     return np.maximum(ribs, 1.2 * clavicle)
 
 
@@ -357,8 +361,10 @@ def _spine(anatomy: Anatomy, f: _Frame) -> np.ndarray:
     width = 0.034
     column = f.soft(width - np.abs(f.x), 1.0)
     wave = np.cos((2 * np.pi / anatomy.rib_spacing) * (f.y - anatomy.rib_start))
-    discs = 0.75 + 0.25 * wave**8
-    pedicles = np.exp(-(((np.abs(f.x) - 0.024) / 0.005) ** 2)) * (wave > 0.3)
+    # Squaring three times (cos**8) keeps only the crests: narrow disc spaces between bodies.
+    crest = np.square(np.square(np.square(wave)))
+    discs = 0.75 + 0.25 * crest
+    pedicles = _bump((np.abs(f.x) - 0.024) / 0.005) * (wave > 0.3)
     trachea = f.soft(0.014 - np.abs(f.x - 0.004), 1.0) * f.soft(-0.17 - f.y, 2.0)
     return column * (discs + 0.3 * pedicles) - 0.5 * trachea
 

@@ -37,7 +37,8 @@ __all__ = [
     "Augment",
     "TrainIterator",
     "TrainLoader",
-    "augment_image",
+    "augment_images",
+    "example_uniforms",
     "eval_batches",
     "local_batch_size",
     "num_train_examples",
@@ -61,36 +62,63 @@ class _Decode:
         }
 
 
-def example_uniforms(seed: int, epoch: int, record: int) -> np.ndarray:
-    """The augmentation draws of one example in one epoch: a function of these three alone."""
-    return np.random.default_rng((seed, epoch, record)).random(NUM_UNIFORMS)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def augment_image(
-    image: np.ndarray, u: np.ndarray, augment: Augment, out: np.ndarray | None = None
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def example_uniforms(seed: int, epoch: int, records: np.ndarray) -> np.ndarray:
+    """The augmentation draws (len(records), NUM_UNIFORMS) in [0, 1) of examples in an epoch.
+
+    A counter-based hash of (seed, epoch, record, column) alone: no generator state, so an
+    example's draws do not depend on which process, thread or batch position handles it, and a
+    whole batch is drawn in a few vectorised operations.
+    """
+    with np.errstate(over="ignore"):
+        key = _mix(_mix(np.uint64(seed) + _GOLDEN) ^ np.uint64(epoch))
+        rows = _mix(key ^ (np.asarray(records, np.uint64) * _GOLDEN))
+        columns = np.arange(1, NUM_UNIFORMS + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix(rows[:, None] + columns)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def augment_images(
+    images: Sequence[np.ndarray], u: np.ndarray, augment: Augment, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Host augmentation of one uint8 (H, W) image with draws `u` (see device_augment.geometry)."""
-    height, width = image.shape
-    if augment.warps:
-        matrix = geometry(u, augment, height, width, np)
-        # cv2 rather than PIL: ~10x faster bilinear warps on uint8, and it releases the GIL.
-        image = cv2.warpAffine(
-            image,
-            matrix,
-            (width, height),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
-    elif augment.flip_prob and u[0] < augment.flip_prob:
-        image = image[:, ::-1]
-    if augment.changes_intensity:
-        curve = intensity_curve(np.arange(256) / 255.0, u, augment, np)
-        lut = np.rint(255.0 * curve).astype(np.uint8)
-        image = cv2.LUT(np.ascontiguousarray(image), lut)
+    """Host augmentation of uint8 (H, W) images with draws `u` (B, NUM_UNIFORMS) -> (B, H, W).
+
+    The twin of `device_augment.apply`: same maps and curves, rounded to uint8.
+    """
+    count = len(images)
+    height, width = images[0].shape
     if out is None:
-        return np.ascontiguousarray(image)
-    out[...] = image
+        out = np.empty((count, height, width), np.uint8)
+    matrices = geometry(u, augment, height, width, np) if augment.warps else None
+    luts = None
+    if augment.changes_intensity:
+        curves = intensity_curve(np.arange(256) / 255.0, u[:, None, :], augment, np)
+        luts = np.rint(255.0 * curves).astype(np.uint8)
+    for row, image in enumerate(images):
+        if matrices is not None:
+            # cv2, not PIL: several times faster bilinear warps of uint8, and it releases the GIL.
+            image = cv2.warpAffine(
+                image,
+                matrices[row],
+                (width, height),
+                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
+        elif u[row, 0] < augment.flip_prob:
+            image = image[:, ::-1]
+        if luts is not None:
+            image = cv2.LUT(np.ascontiguousarray(image), luts[row])
+        out[row] = image
     return out
 
 
@@ -145,7 +173,6 @@ class _LocalBatch:
         label_indices: Sequence[int],
         seed: int,
         augment: Augment,
-        image_size: int,
     ):
         self._source = source
         self._indices = indices
@@ -158,7 +185,6 @@ class _LocalBatch:
         self._num_labels = len(label_indices)
         self._seed = seed
         self._augment = augment
-        self._image_size = image_size
 
     def records(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, record indices of this process's rows of global batch `step`)."""
@@ -169,23 +195,21 @@ class _LocalBatch:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, records = self.records(step)
-        size = self._image_size
-        batch = {
-            "image": np.empty((self._local, size, size), np.uint8),
-            "labels": np.empty((self._local, self._num_labels), np.float32),
-            "mask": np.empty((self._local, self._num_labels), bool),
+        # One batched read: array_record fetches the records in parallel.
+        raw = self._source.__getitems__(records.tolist())
+        examples = [self._decode.select(shards.decode(r)) for r in raw]
+        images = [e["image"] for e in examples]
+        if self._augment.active:
+            u = example_uniforms(self._seed, epoch, records)
+            images = augment_images(images, u, self._augment)
+        else:
+            images = np.stack(images)
+        return {
+            "image": images,
+            "labels": np.stack([e["labels"] for e in examples]),
+            "mask": np.stack([e["mask"] for e in examples]),
             "index": records.astype(np.int32),
         }
-        for row, record in enumerate(records):
-            example = self._decode.select(shards.decode(self._source[int(record)]))
-            if self._augment.active:
-                u = example_uniforms(self._seed, epoch, int(record))
-                augment_image(example["image"], u, self._augment, out=batch["image"][row])
-            else:
-                batch["image"][row] = example["image"]
-            batch["labels"][row] = example["labels"]
-            batch["mask"][row] = example["mask"]
-        return batch
 
 
 class TrainIterator:
@@ -286,7 +310,6 @@ def train_loader(
         label_indices=label_indices,
         seed=seed,
         augment=augment,
-        image_size=info.image_size,
     )
     if threads is None:
         threads = min(8, len(os.sched_getaffinity(0)))

@@ -79,5 +79,6 @@ def check_leakage(patient_hashes: pd.Series, split: pd.Series) -> None:
         raise LeakageError(
             f"{len(leaked)} patients appear in more than one split (e.g. hashed patient "
             f"{example} in {splits}). The official split puts one patient in two splits or the "
-            "patient ids are wrong: fix the label file, or drop its split column."
+            "patient ids are wrong: fix the label file, or prepare without the official split "
+            "(tools/prepare_data.py --no-official-split)."
         )

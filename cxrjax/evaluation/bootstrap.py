@@ -18,7 +18,7 @@ from cxrjax.evaluation.predictions import Predictions
 
 # Cap on resamples x cases evaluated at once: keeps the (R, n) work arrays in cache-friendly
 # chunks and memory bounded for large test sets (ChestX-ray14: 25,596 images).
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def resample_counts(
@@ -69,16 +69,21 @@ def resampled_metrics(
         chunk = np.ascontiguousarray(counts[lo : lo + step].T)
         for j in range(num_labels):
             known = mask[:, j]
-            stats = metrics.weighted_curve_stats(labels[known, j], scores[known, j], chunk[known])
+            w = chunk if known.all() else chunk[known]
+            stats = metrics.weighted_curve_stats(labels[known, j], scores[known, j], w)
             for k, v in stats.items():
                 out[k][lo : lo + step, j] = v
     return out
 
 
 def summarize(samples: np.ndarray) -> dict[str, Any]:
-    """Mean, SD (ddof=1), 95% percentile interval and count of the non-NaN resamples (axis 0)."""
+    """Mean, SD (ddof=1), 95% percentile interval and count of the finite resamples (axis 0).
+
+    Non-finite values are left out: NaN (a resample without both classes) and +inf (a Youden
+    threshold above every score, when no threshold beats chance).
+    """
     samples = np.asarray(samples, dtype=np.float64)
-    valid = ~np.isnan(samples)
+    valid = np.isfinite(samples)
     n_valid = valid.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         filled = np.where(valid, samples, 0.0)
@@ -88,7 +93,8 @@ def summarize(samples: np.ndarray) -> dict[str, Any]:
     lo, hi = (np.full(samples.shape[1:], np.nan) for _ in range(2))
     ok = n_valid > 0
     if np.any(ok):
-        lo[ok], hi[ok] = np.nanpercentile(samples[:, ok], [2.5, 97.5], axis=0)
+        finite = np.where(valid, samples, np.nan)[:, ok]
+        lo[ok], hi[ok] = np.nanpercentile(finite, [2.5, 97.5], axis=0)
     return {"mean": mean, "sd": sd, "ci_low": lo, "ci_high": hi, "n_valid": n_valid}
 
 
@@ -156,10 +162,11 @@ class BootstrapResult:
 
 
 def _num(x: float) -> float | int | None:
-    """JSON has no NaN: write null."""
+    """JSON has no NaN or inf: write null (a null threshold with a point metrics row means
+    +inf, nothing called positive)."""
     if isinstance(x, np.integer):
         return int(x)
-    return None if np.isnan(x) else float(x)
+    return float(x) if np.isfinite(x) else None
 
 
 def draw_counts(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:

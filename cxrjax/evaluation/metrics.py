@@ -84,41 +84,49 @@ def weighted_curve_stats(
 
     # Cumulative negative weight over negatives sorted ascending, with a leading zero row:
     # neg_cum[k] is the weight of the k lowest-scoring negatives.
-    neg_order = np.argsort(s_neg, kind="stable")
+    neg_idx = np.flatnonzero(~y)
+    neg_idx = neg_idx[np.argsort(s[neg_idx], kind="stable")]
+    s_neg = s[neg_idx]
     # int32 sums run faster; a column total of at most n * max weight decides if they fit.
     acc = np.int32 if y.size * int(w.max(initial=0)) < 2**31 else np.int64
-    neg_cum = np.empty((s_neg.size + 1, r), dtype=acc)
+    neg_cum = np.empty((neg_idx.size + 1, r), dtype=acc)
     neg_cum[0] = 0
-    _cumsum_rows(w[~y][neg_order], out=neg_cum[1:])
+    _cumsum_rows(w[neg_idx], out=neg_cum[1:])
     n_neg = neg_cum[-1]
 
     # Positives sorted descending; thresholds worth trying are their distinct scores, since
     # raising a threshold to the next positive score keeps TP and cannot add false positives.
-    pos_order = np.argsort(-s_pos, kind="stable")
-    s_pos = s_pos[pos_order]
-    w_pos = w[y][pos_order]
-    s_neg_sorted = s_neg[neg_order]
-    below = neg_cum[np.searchsorted(s_neg_sorted, s_pos, side="left")]  # negatives < score
-    not_above = neg_cum[np.searchsorted(s_neg_sorted, s_pos, side="right")]  # negatives <= score
+    pos_idx = np.flatnonzero(y)
+    pos_idx = pos_idx[np.argsort(-s[pos_idx], kind="stable")]
+    s_pos = s[pos_idx]
+    w_pos = w[pos_idx]
+    lo = np.searchsorted(s_neg, s_pos, side="left")
+    hi = np.searchsorted(s_neg, s_pos, side="right")
+    below = neg_cum[lo]  # weight of negatives scoring lower than each positive
     # Each positive beats the negatives scoring lower and ties (half a win) with equal ones.
-    wins2 = np.einsum("ir,ir->r", w_pos, below + not_above, dtype=np.float64)
-    tp_cum = _cumsum_rows(w_pos, out=np.empty(w_pos.shape, neg_cum.dtype))
-    n_pos = tp_cum[-1]
+    wins2 = 2 * (w_pos * below).sum(axis=0, dtype=np.int64)
+    if not np.array_equal(lo, hi):
+        wins2 += (w_pos * (neg_cum[hi] - below)).sum(axis=0, dtype=np.int64)
+    tp = _cumsum_rows(w_pos, out=np.empty(w_pos.shape, acc))
+    n_pos = tp[-1]
 
     # One candidate per distinct positive score: the last row of its tie group.
     ends = np.r_[np.flatnonzero(s_pos[1:] != s_pos[:-1]), s_pos.size - 1]
-    tp = tp_cum[ends].astype(np.int64)
-    fp = (n_neg - below[ends]).astype(np.int64)
-    # J * n_pos * n_neg in exact integers; first maximum = highest threshold, as sklearn's argmax.
-    j = tp * n_neg.astype(np.int64) - fp * n_pos.astype(np.int64)
+    if ends.size < s_pos.size:
+        tp, below = tp[ends], below[ends]
+    # J * n_pos * n_neg = tp * n_neg - (n_neg - below) * n_pos; drop the constant
+    # -n_neg * n_pos. Integers below 2**53 keep float64 exact; the first maximum is the
+    # highest threshold, as sklearn's argmax over decreasing thresholds.
+    n_pos_f, n_neg_f = n_pos.astype(np.float64), n_neg.astype(np.float64)
+    j = tp * n_neg_f + below * n_pos_f
     best = np.argmax(j, axis=0)
     cols = np.arange(r)
     # J <= 0 everywhere: sklearn's first threshold (+inf, nothing positive, J = 0) wins.
-    at_inf = j[best, cols] <= 0
-    tp0 = np.where(at_inf, 0, tp[best, cols]).astype(np.float64)
-    fp0 = np.where(at_inf, 0, fp[best, cols]).astype(np.float64)
+    at_inf = j[best, cols] <= n_pos_f * n_neg_f
+    tp0 = np.where(at_inf, 0.0, tp[best, cols])
+    fp0 = np.where(at_inf, 0.0, n_neg - below[best, cols])
     threshold = np.where(at_inf, np.inf, s_pos[ends][best])
-    n_pos, n_neg = n_pos.astype(np.float64), n_neg.astype(np.float64)
+    n_pos, n_neg = n_pos_f, n_neg_f
     tn0, fn0 = n_neg - fp0, n_pos - tp0
     with np.errstate(invalid="ignore", divide="ignore"):
         out = {

@@ -2,10 +2,11 @@
 
 Pretrained ViTs store position embeddings for one patch grid; running them at another resolution
 needs the same resampling their own code applies, or converted models drift from the originals.
-Two conventions exist and both are implemented as exact separable weight matrices:
+Three conventions exist and all are implemented as exact separable weight matrices:
 
 * ``"dinov2"``: the official DINOv2 code: bicubic (A=-0.75), no antialiasing, coordinates mapped
   with ``scale_factor = (new + 0.1) / old`` (the historical ``interpolate_offset`` kludge).
+* ``"hf"``: Hugging Face transformers (5.x) ViT/DINOv2: bicubic, no antialiasing, output size.
 * ``"timm"``: timm's ``resample_abs_pos_embed``: bicubic with ``antialias=True`` and an explicit
   output size; PyTorch's antialiased bicubic is the PIL-style filter (A=-0.5) whose support widens
   when downsampling.
@@ -21,7 +22,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-RESAMPLE_METHODS = ("dinov2", "timm")
+RESAMPLE_METHODS = ("dinov2", "hf", "timm")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -72,9 +73,13 @@ def resample_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
     """Returns the (out_size, in_size) float32 matrix that resamples one grid axis."""
     if method == "dinov2":
         return _bicubic_matrix(in_size, out_size, (out_size + 0.1) / in_size).astype(np.float32)
+    if method == "hf":
+        return _bicubic_matrix(in_size, out_size, None).astype(np.float32)
     if method == "timm":
         return _antialias_bicubic_matrix(in_size, out_size).astype(np.float32)
-    raise ValueError(f"Unknown position-embedding resample method {method!r}; use {RESAMPLE_METHODS}")
+    raise ValueError(
+        f"Unknown position-embedding resample method {method!r}; use {RESAMPLE_METHODS}"
+    )
 
 
 def resample_grid(

@@ -141,9 +141,9 @@ class Block(nn.Module):
                 return y
             return LayerScale(self.layerscale_init, dtype=self.dtype, name=name)(y)
 
-        y = Attention(
-            self.num_heads, impl=self.attention_impl, dtype=self.dtype, name="attn"
-        )(norm("norm1")(x))
+        y = Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype, name="attn")(
+            norm("norm1")(x)
+        )
         y = nn.Dropout(self.dropout)(y, deterministic)
         x = x + DropPath(self.drop_path)(scale("ls1", y), deterministic)
         y = Mlp(

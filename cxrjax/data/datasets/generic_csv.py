@@ -8,6 +8,7 @@ cells are unknown (NaN, masked).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def read_csv(
         raise MetadataError(
             f"{csv_path}: line {row} has an empty patient_id; every image needs one"
         )
-    absolute = [str(p if p.is_absolute() else root / p) for p in map(Path, paths)]
+    # os.path.join keeps absolute paths as they are and is much faster than pathlib.
+    absolute = [os.path.join(root, p) for p in paths]
     image_ids = frame["image_id"].str.strip() if "image_id" in frame else paths
     if "split" in frame:
         split = frame["split"].str.strip().str.lower()

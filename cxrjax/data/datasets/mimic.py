@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def read_mimic(
     subject = merged["subject_id"].astype(np.int64).astype(str)
     study = merged["study_id"].astype(np.int64).astype(str)
     paths = [
-        str(raw_dir / "files" / f"p{s[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg")
+        os.path.join(raw_dir, "files", f"p{s[:2]}", f"p{s}", f"s{t}", f"{d}.jpg")
         for s, t, d in zip(subject, study, merged["dicom_id"], strict=True)
     ]
     values = {

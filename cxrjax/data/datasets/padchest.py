@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,21 +101,28 @@ def read_padchest(
     frame = frame[frame["Projection"].isin(projections)].reset_index(drop=True)
     if frame["ImageDir"].isna().any() or frame["PatientID"].isna().any():
         raise MetadataError(f"{csv_path}: a frontal row lacks ImageDir or PatientID")
-    parsed = [parse_labels(text, path=csv_path, row=i) for i, text in enumerate(frame["Labels"])]
-    blank = np.array([terms is None for terms in parsed])
+    # Many reports share one Labels string: parse each distinct string once.
+    codes, distinct = pd.factorize(frame["Labels"])
+    present, first_row = np.unique(codes, return_index=True)
+    first_row = first_row[present >= 0]
+    parsed = [
+        parse_labels(t, path=csv_path, row=int(r)) for t, r in zip(distinct, first_row, strict=True)
+    ]
+    per_string = np.array(
+        [[bool(terms & set(TERMS[n])) for n in names] for terms in parsed], dtype=np.float32
+    ).reshape(len(distinct), len(names))
+    matrix = per_string[codes]
+    blank = codes < 0
     if blank.any():
         logging.warning("%s: %d images have no labels; kept masked", csv_path, int(blank.sum()))
-    values = {}
-    for name in names:
-        wanted = set(TERMS[name])
-        column = np.array([bool(terms and terms & wanted) for terms in parsed], np.float32)
-        column[blank] = np.nan
-        values[name] = column
+    matrix[blank] = np.nan
+    values = {name: matrix[:, k] for k, name in enumerate(names)}
     image_dir = pd.to_numeric(frame["ImageDir"], errors="coerce")
     if image_dir.isna().any():
         raise MetadataError(f"{csv_path}: column 'ImageDir' must be a folder number")
     paths = [
-        str(raw_dir / str(int(d)) / i) for d, i in zip(image_dir, frame["ImageID"], strict=True)
+        os.path.join(raw_dir, str(int(d)), i)
+        for d, i in zip(image_dir, frame["ImageID"], strict=True)
     ]
     table = as_table_frame(frame["ImageID"], paths, frame["PatientID"], [""] * len(frame), values)
     return RawTable("padchest", names, table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def _physionet(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Pa
     train_images["split"], test_images["split"] = "train", "test"
     combined = pd.concat([train_images, test_images])
     combined["path"] = [
-        str(raw / split / f"{image_id}.dicom")
+        os.path.join(raw, split, f"{image_id}.dicom")
         for image_id, split in zip(combined.index, combined["split"], strict=True)
     ]
     combined.columns = [canonical(c) if c in label_columns else c for c in combined.columns]
@@ -124,7 +125,7 @@ def _kaggle(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Path]
     images.columns = [canonical(c) for c in images.columns]
     # The competition's test labels were never published: everything is split downstream.
     images["split"] = ""
-    images["path"] = [str(raw / "train" / f"{image_id}.dicom") for image_id in images.index]
+    images["path"] = [os.path.join(raw, "train", f"{image_id}.dicom") for image_id in images.index]
     return images, [canonical(c) for c in KAGGLE_CLASSES], path
 
 

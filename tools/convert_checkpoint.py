@@ -1,0 +1,152 @@
+"""Converts a public ViT checkpoint into cxrjax's weights format (safetensors tree + meta.json).
+
+  python tools/convert_checkpoint.py --list
+  python tools/convert_checkpoint.py SOURCE --out DIR [--format F] [--variant V] [--sha256 HEX]
+
+SOURCE is a local file or folder (format auto-detected: DINOv2 torch-hub .pth, timm
+.safetensors/.bin/.pth, a Hugging Face folder, an AugReg .npz, a cxrjax weights folder or run
+directory), an http(s) URL, or a registered variant name (its official file is downloaded). A
+download is checked against --sha256 when given; the file's sha256 is always recorded.
+
+The study's three initialisations:
+  python tools/convert_checkpoint.py vit_b14_dinov2 --out weights/vit_b14_dinov2
+  python tools/convert_checkpoint.py vit_b16_in21k --out weights/vit_b16_in21k
+  python tools/convert_checkpoint.py runs/sup_med_pretrain --out weights/vit_b16_mimic
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from absl import app, flags
+
+from cxrjax.models import count_params, flops_per_image, get_spec, list_models
+from cxrjax.models.convert import FORMATS, convert_source, heads_of, match_variant
+from cxrjax.models.weights import CheckpointError, save_weights, sha256_file
+
+_OUT = flags.DEFINE_string("out", None, "Output weights directory.")
+_FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).")
+_VARIANT = flags.DEFINE_string("variant", None, "Registered variant (default: infer from shapes).")
+_SHA256 = flags.DEFINE_string("sha256", None, "Expected sha256 of the downloaded/local file.")
+_LIST = flags.DEFINE_bool("list", False, "List the registered variants with params and GFLOPs.")
+_CACHE = flags.DEFINE_string(
+    "cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept."
+)
+
+
+def print_variants() -> None:
+    print(f"{'variant':<22}{'params (M)':>11}{'res':>5}{'GFLOPs':>9}{'@224':>8}  sources")
+    for name in list_models():
+        spec = get_spec(name)
+        at224 = f"{flops_per_image(name, 224):8.1f}" if 224 % spec.patch_size == 0 else "       -"
+        print(
+            f"{name:<22}{count_params(name) / 1e6:11.1f}{spec.image_size:5d}"
+            f"{flops_per_image(name):9.1f}{at224}  {', '.join(spec.sources.values()) or '-'}"
+        )
+
+
+def fetch(source: str, cache: Path) -> tuple[Path, str | None]:
+    """A local path for SOURCE, downloading URLs and variant names; returns (path, variant)."""
+    variant = None
+    if source in list_models():
+        variant = source
+        sources = get_spec(source).sources
+        url = sources.get("dinov2_hub") or sources.get("augreg_npz")
+        if url is None:
+            raise CheckpointError(f"{source} has no downloadable official file; pass a local path")
+        source = url
+    if not source.startswith(("http://", "https://")):
+        return Path(source), variant
+    dest = cache / source.rsplit("/", 1)[-1]
+    if not dest.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {source} -> {dest}", flush=True)
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        try:
+            urllib.request.urlretrieve(source, tmp)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot download {source} ({e}). Offline: download it elsewhere and pass the "
+                "local file as SOURCE"
+            ) from e
+        tmp.replace(dest)
+    return dest, variant
+
+
+def convert(
+    source: str,
+    out: str,
+    *,
+    fmt: str | None = None,
+    variant: str | None = None,
+    sha256: str | None = None,
+    cache: str | Path = "~/.cache/cxrjax",
+) -> Path:
+    """Converts SOURCE into a cxrjax weights directory at ``out``; returns it."""
+    path, named = fetch(source, Path(cache).expanduser())
+    variant = variant or named
+    digest = sha256_file(path) if path.is_file() else ""
+    if sha256 and digest != sha256.lower():
+        raise CheckpointError(f"{path}: sha256 {digest} does not match the expected {sha256}")
+    heads = heads_of(variant) if variant else None
+    if heads is None and (fmt or "") in ("", "dinov2", "timm"):
+        # Torch state dicts do not reveal the head count: infer the variant from shapes first.
+        from cxrjax.models.convert import detect_format
+
+        if (fmt or detect_format(path)) in ("dinov2", "timm"):
+            probe = convert_source(path, fmt, num_heads=1)
+            variant = match_variant(probe.arch)
+            heads = heads_of(variant)
+    conv = convert_source(path, fmt, num_heads=heads)
+    variant = match_variant(conv.arch, variant or conv.variant)
+    if conv.arch["num_heads"] != heads_of(variant):
+        raise CheckpointError(
+            f"{path}: {conv.arch['num_heads']} attention heads, {variant} has {heads_of(variant)}"
+        )
+    spec = get_spec(variant)
+    for field in ("layernorm_eps", "gelu_approximate"):
+        want = spec.kwargs.get(field, {"layernorm_eps": 1e-6, "gelu_approximate": False}[field])
+        if field in conv.arch and conv.arch[field] != want:
+            print(f"note: source uses {field}={conv.arch[field]}, {variant} uses {want}")
+    save_weights(
+        out,
+        conv.params,
+        variant=variant,
+        source=str(source),
+        source_sha256=digest,
+        source_format=conv.source_format,
+        image_size=conv.arch["image_size"],
+        label_names=conv.label_names,
+        extra={"arch": conv.arch},
+    )
+    print(f"wrote {out}: {variant} at {conv.arch['image_size']} px from {conv.source_format}")
+    if conv.unused:
+        print(f"not converted from the source: {', '.join(conv.unused)}")
+    return Path(out)
+
+
+def main(argv: list[str]) -> None:
+    if _LIST.value:
+        print_variants()
+        return
+    if len(argv) != 2 or not _OUT.value:
+        raise app.UsageError("usage: convert_checkpoint.py SOURCE --out DIR (or --list)")
+    try:
+        convert(
+            argv[1],
+            _OUT.value,
+            fmt=_FORMAT.value,
+            variant=_VARIANT.value,
+            sha256=_SHA256.value,
+            cache=_CACHE.value,
+        )
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
