@@ -18,6 +18,11 @@ def get_config(arg=None):
     elif args["stage"] == "finetune":
         c = base_config("sup_med", args["dataset"])
         c.model.init_from = f"{weights_root()}/vit_b16_mimic"
+        c.model.init_hint = (
+            "python -m cxrjax.main --config configs/sup_med.py:stage=pretrain "
+            "--workdir runs/sup_med_pretrain && python tools/convert_checkpoint.py "
+            f"runs/sup_med_pretrain --out {c.model.init_from}"
+        )
         c.data.train_fraction = float(args["fraction"])
     else:
         raise ValueError(f"stage={args['stage']!r}: use 'pretrain' or 'finetune'")

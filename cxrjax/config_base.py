@@ -51,7 +51,8 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "vit_b16_in21k"
-    c.model.init_from = ""
+    c.model.init_from = ""  # converted weights (tools/convert_checkpoint.py); "" = random init
+    c.model.init_hint = ""  # the command that creates init_from, shown when it is missing
     c.model.dtype = "bfloat16"
     c.model.dropout = 0.0
     c.model.drop_path = 0.0

@@ -57,13 +57,12 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
     """Fails fast, before any compilation, when the configured initial weights are absent."""
     path = config.model.init_from
     if path and not Path(path).exists():
-        sources = get_spec(config.model.variant).sources
-        source = next(iter(sources.values()), "SOURCE")
+        create = config.model.init_hint or (
+            f"python tools/convert_checkpoint.py {config.model.variant} --out {path}"
+        )
         raise MissingInputError(
-            f"no converted weights at {path}.\nCreate them with:\n"
-            f"  python tools/convert_checkpoint.py {source} --variant {config.model.variant} "
-            f"--out {path}\n"
-            "(or set --config.model.init_from=PATH, or '' to train from scratch)"
+            f"no converted weights at {path}.\nCreate them with:\n  {create}\n"
+            "(or point --config.model.init_from at them, or set it to '' to train from scratch)"
         )
 
 

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 from cxrjax.models import VisionTransformer, create_model  # noqa: E402
 from cxrjax.models.convert import (  # noqa: E402
     convert_source,
+    convert_timm,
     detect_format,
     match_variant,
 )
@@ -138,6 +139,25 @@ def test_timm_dinov2_matches(tmp_path, registers):
         ref_feats, ref_logits = _timm_forward(model, x)
         _check(feats, ref_feats, f"features at {size}px")
         _check(logits, ref_logits, f"logits at {size}px")
+
+
+def test_bf16_compute_stays_within_2e_2_of_float32_torch(tmp_path):
+    model = _timm_vit(
+        img_size=56,
+        patch_size=14,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        num_classes=3,
+        init_values=1e-5,
+    )
+    conv = convert_timm({k: v.numpy() for k, v in model.state_dict().items()}, num_heads=4)
+    x = _inputs(56, seed=2)
+    logits, feats = _flax(conv, 3, "timm", dtype=jnp.bfloat16)(x)
+    ref_feats, ref_logits = _timm_forward(model, x)
+    for ours, ref in ((feats, ref_feats), (logits, ref_logits)):
+        rel = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert rel <= 2e-2, rel
 
 
 def _official_dinov2_state_dict(timm_model, registers: int) -> dict:

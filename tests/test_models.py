@@ -39,8 +39,10 @@ def test_registry_lists_study_variants_with_sources():
     assert spec.sources["timm"] == "vit_base_patch14_dinov2.lvd142m"
     assert spec.sources["hf"] == "facebook/dinov2-base"
     assert spec.sources["dinov2_hub"].endswith("dinov2_vitb14/dinov2_vitb14_pretrain.pth")
-    assert get_spec("vit_b14_dinov2_reg4").sources["dinov2_hub"].endswith(
-        "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+    assert (
+        get_spec("vit_b14_dinov2_reg4")
+        .sources["dinov2_hub"]
+        .endswith("dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth")
     )
     assert get_spec("vit_b16_in21k").sources["timm"] == "vit_base_patch16_224.augreg_in21k"
     assert spec.image_size == 518 and spec.patch_size == 14

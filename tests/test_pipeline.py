@@ -64,3 +64,37 @@ def test_truncated_shard_names_the_file(tiny_shards, tmp_path):
         f.truncate(20)
     with pytest.raises(shards.ShardError, match="val"):
         list(pipeline.eval_batches(info, "val", batch_size=4, label_indices=[0]))
+
+
+def test_truncated_training_shard_names_the_file(tiny_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    info = shards.load_info(copy)
+    victim = info.files("train")[0]
+    with open(victim, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    with pytest.raises(shards.ShardError, match=victim):
+        next(iter(pipeline.train_loader(info, batch_size=8, label_indices=[0], seed=0)))
+
+
+def test_corrupt_records_name_the_files(tiny_shards, tmp_path):
+    import shutil
+
+    from array_record.python import array_record_module as ar
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    info = shards.load_info(copy)
+    for split in ("train", "test"):
+        victim = info.files(split)[0]
+        count = info.splits[split]["num_examples"]
+        writer = ar.ArrayRecordWriter(victim, "group_size:1")
+        for _ in range(count):  # well-formed ArrayRecord, but not cxrjax records
+            writer.write(b"not a radiograph record")
+        writer.close()
+    with pytest.raises(shards.ShardError, match=info.files("train")[0]):
+        next(iter(pipeline.train_loader(info, batch_size=8, label_indices=[0], seed=0)))
+    with pytest.raises(shards.ShardError, match=info.files("test")[0]):
+        next(pipeline.eval_batches(info, "test", batch_size=8, label_indices=[0]))

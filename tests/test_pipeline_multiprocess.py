@@ -36,14 +36,16 @@ _WORKER = textwrap.dedent(
         result["eval_ids"] += batch["id"][batch["valid"]].tolist()
         result["eval_counts"].append(int(count(pipeline.to_device(batch, data)["valid"])))
     loader = pipeline.train_loader(info, batch_size=batch_size, label_indices=[0, 1], seed=7)
-    result["train"] = []
+    result["train"], result["rows"] = [], []
+
+    def local_rows(x):
+        parts = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+        return np.concatenate([np.asarray(s.data) for s in parts]).astype(np.int64)
+
     for (batch, _), _ in zip(pipeline.prefetch_to_device(iter(loader), data), range(steps)):
         assert batch["image"].shape[0] == batch_size  # a global array over both processes
-        shards_ = sorted(batch["image"].addressable_shards, key=lambda s: s.index[0].start)
-        local = np.concatenate([np.asarray(s.data) for s in shards_]).astype(np.int64)
-        result["train"].append(local.sum(axis=(1, 2)).tolist())
-    loader_rows = [loader.records(step)[1].tolist() for step in range(steps)]
-    result["rows"] = loader_rows
+        result["train"].append(local_rows(batch["image"]).sum(axis=(1, 2)).tolist())
+        result["rows"].append(local_rows(batch["index"]).tolist())
     with open(out, "w") as f:
         json.dump(result, f)
     jax.distributed.shutdown()

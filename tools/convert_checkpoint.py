@@ -27,14 +27,15 @@ from cxrjax.models import count_params, flops_per_image, get_spec, list_models
 from cxrjax.models.convert import FORMATS, convert_source, heads_of, match_variant
 from cxrjax.models.weights import CheckpointError, save_weights, sha256_file
 
-_OUT = flags.DEFINE_string("out", None, "Output weights directory.")
-_FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).")
-_VARIANT = flags.DEFINE_string("variant", None, "Registered variant (default: infer from shapes).")
-_SHA256 = flags.DEFINE_string("sha256", None, "Expected sha256 of the downloaded/local file.")
-_LIST = flags.DEFINE_bool("list", False, "List the registered variants with params and GFLOPs.")
-_CACHE = flags.DEFINE_string(
-    "cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept."
-)
+
+def define_flags() -> None:
+    """Defined only when run as a script, so importing this module never clashes flags."""
+    flags.DEFINE_string("out", None, "Output weights directory.")
+    flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).")
+    flags.DEFINE_string("variant", None, "Registered variant (default: infer from shapes).")
+    flags.DEFINE_string("sha256", None, "Expected sha256 of the downloaded/local file.")
+    flags.DEFINE_bool("list", False, "List the registered variants with params and GFLOPs.")
+    flags.DEFINE_string("cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept.")
 
 
 def print_variants() -> None:
@@ -129,24 +130,25 @@ def convert(
 
 
 def main(argv: list[str]) -> None:
-    if _LIST.value:
+    if flags.FLAGS.list:
         print_variants()
         return
-    if len(argv) != 2 or not _OUT.value:
+    if len(argv) != 2 or not flags.FLAGS.out:
         raise app.UsageError("usage: convert_checkpoint.py SOURCE --out DIR (or --list)")
     try:
         convert(
             argv[1],
-            _OUT.value,
-            fmt=_FORMAT.value,
-            variant=_VARIANT.value,
-            sha256=_SHA256.value,
-            cache=_CACHE.value,
+            flags.FLAGS.out,
+            fmt=flags.FLAGS.format,
+            variant=flags.FLAGS.variant,
+            sha256=flags.FLAGS.sha256,
+            cache=flags.FLAGS.cache,
         )
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -18,6 +18,7 @@ import collections
 import functools
 import json
 import os
+import struct
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 
-class _Decode:
+class _SelectLabels:
     def __init__(self, label_indices: Sequence[int]):
         self._labels = np.asarray(label_indices)
 
@@ -122,6 +123,16 @@ def augment_images(
     return out
 
 
+def _decode(raw: Sequence[bytes], files: Sequence[str]) -> list[dict]:
+    try:
+        return [shards.decode(r) for r in raw]
+    except (shards.ShardError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise shards.ShardError(
+            f"a corrupt record in {list(files)} ({type(e).__name__}: {e}); "
+            "re-run tools/prepare_data.py"
+        ) from e
+
+
 def _open(info: shards.DatasetInfo, split: str, fraction: float = 1.0):
     """(source, record indices of the split's subset or None for all of it)."""
     files = info.files(split)
@@ -169,19 +180,21 @@ class _LocalBatch:
         source,
         indices: np.ndarray | None,
         *,
+        files: Sequence[str],
         batch_size: int,
         label_indices: Sequence[int],
         seed: int,
         augment: Augment,
     ):
         self._source = source
+        self._files = files
         self._indices = indices
         self._num_examples = len(source) if indices is None else len(indices)
         self._batch_size = batch_size
         self._local = local_batch_size(batch_size)
         self._first_row = jax.process_index() * self._local
         self._steps_per_epoch = self._num_examples // batch_size
-        self._decode = _Decode(label_indices)
+        self._select = _SelectLabels(label_indices)
         self._num_labels = len(label_indices)
         self._seed = seed
         self._augment = augment
@@ -197,7 +210,7 @@ class _LocalBatch:
         epoch, records = self.records(step)
         # One batched read: array_record fetches the records in parallel.
         raw = self._source.__getitems__(records.tolist())
-        examples = [self._decode.select(shards.decode(r)) for r in raw]
+        examples = [self._select.select(r) for r in _decode(raw, self._files)]
         images = [e["image"] for e in examples]
         if self._augment.active:
             u = example_uniforms(self._seed, epoch, records)
@@ -234,8 +247,10 @@ class TrainIterator:
         return batch
 
     def start_prefetch(self) -> None:
+        """Starts building batches from the current step (the first `next` would, too)."""
         if self._iterator is None:
             self._iterator = iter(self._loader.dataset(self._step))
+            self._iterator.start_prefetch()
 
     def get_state(self) -> bytes:
         return json.dumps({"step": self._step, **self._loader.fingerprint}).encode()
@@ -250,7 +265,9 @@ class TrainIterator:
                 f"(saved, now): {mismatch}; resume with the original seed, batch size and data"
             )
         self._step = int(saved["step"])
-        self._iterator = None
+        if self._iterator is not None:
+            self._iterator.close()  # its threads were building batches for the old position
+            self._iterator = None
 
 
 class TrainLoader:
@@ -306,6 +323,7 @@ def train_loader(
     batches = _LocalBatch(
         source,
         indices,
+        files=info.files("train"),
         batch_size=batch_size,
         label_indices=label_indices,
         seed=seed,
@@ -325,14 +343,15 @@ def eval_batches(
     union of valid examples over processes is the split, each example once.
     """
     source, _ = _open(info, split)
-    decode = _Decode(label_indices)
+    decode = _SelectLabels(label_indices)
     local = local_batch_size(batch_size)
     per_process = -(-len(source) // jax.process_count())
     start = min(jax.process_index() * per_process, len(source))
     stop = min(start + per_process, len(source))
     for lo in range(0, per_process, local):
         indices = range(start + lo, min(start + lo + local, stop))
-        raw = [shards.decode(source[i]) for i in indices]
+        # One batched read (array_record reads in parallel); a process past the end reads none.
+        raw = _decode(source.__getitems__(list(indices)) if indices else [], info.files(split))
         yield _pad([decode.select(r) for r in raw], raw, local, info.image_size, len(label_indices))
 
 

@@ -79,7 +79,8 @@ def detect_format(source: str | Path) -> str:
             f"--format explicitly if it is one of {FORMATS}"
         )
     raise CheckpointError(
-        f"{p}: unknown file type {p.suffix!r}; expected {', '.join(_TORCH_SUFFIXES)}, .npz, or a folder"
+        f"{p}: unknown file type {p.suffix!r}; expected "
+        f"{', '.join(_TORCH_SUFFIXES)}, .npz, or a folder"
     )
 
 
@@ -206,7 +207,8 @@ def convert_timm(
         qkv_w, qkv_b = k[b + "attn.qkv.weight"], k[b + "attn.qkv.bias"]
         if qkv_w.shape != (3 * width, width):
             raise CheckpointError(
-                f"{source}: {b}attn.qkv.weight has shape {qkv_w.shape}, expected {(3 * width, width)}"
+                f"{source}: {b}attn.qkv.weight has shape {qkv_w.shape}, "
+                f"expected {(3 * width, width)}"
             )
         qs, ks, vs = np.split(qkv_w, 3, axis=0)
         qb, kb, vb = np.split(qkv_b, 3, axis=0)
@@ -519,13 +521,13 @@ def match_variant(arch: Mapping[str, Any], variant: str | None = None) -> str:
 
     def same(name: str) -> bool:
         kw = get_spec(name).kwargs
-        return all(kw.get(a, _default(a)) == arch[a] for a in _ARCH_KEYS) and (
+        return all(kw.get(a, _default(a)) == arch.get(a, _default(a)) for a in _ARCH_KEYS) and (
             (kw.get("layerscale_init") is None) == (arch.get("layerscale_init") is None)
         )
 
     if variant is not None:
         if not same(variant):
-            got = {a: arch[a] for a in _ARCH_KEYS}
+            got = {a: arch.get(a, _default(a)) for a in _ARCH_KEYS}
             want = {a: get_spec(variant).kwargs.get(a, _default(a)) for a in _ARCH_KEYS}
             raise CheckpointError(
                 f"the checkpoint is not a {variant}: it has {got}, {variant} has {want}"
@@ -534,7 +536,8 @@ def match_variant(arch: Mapping[str, Any], variant: str | None = None) -> str:
     matches = [n for n in list_models() if same(n)]
     if len(matches) != 1:
         raise CheckpointError(
-            f"cannot tell the variant of a checkpoint with {dict((a, arch[a]) for a in _ARCH_KEYS)} "
+            f"cannot tell the variant of a checkpoint with "
+            f"{ {a: arch.get(a, _default(a)) for a in _ARCH_KEYS} } "
             f"(candidates: {matches or 'none'}); pass --variant"
         )
     return matches[0]

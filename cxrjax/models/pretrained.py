@@ -88,7 +88,7 @@ def load_pretrained(
             ".npz, or a cxrjax run directory)"
         ) from None
     params_file = weights_dir(path) / "params.safetensors"
-    spec = get_spec(variant)
+    resample = get_spec(variant).kwargs.get("posemb_resample", "timm")
     target = flatten(params)
     report = LoadReport(
         path=str(path), source=str(meta.get("source")), source_variant=str(meta.get("variant"))
@@ -110,11 +110,11 @@ def load_pretrained(
             continue
         value = flat_ckpt[key]
         if key == "pos_embedding" and value.shape != init.shape:
-            value = _resample(value, init.shape, spec.kwargs["posemb_resample"], params_file)
+            value = _resample(value, init.shape, resample, params_file)
             old = meta.get("image_size")
             report.resampled[key] = (
                 f"{flat_ckpt[key].shape} ({old} px) -> {init.shape} ({image_size} px), "
-                f"{spec.kwargs['posemb_resample']} bicubic"
+                f"{resample} bicubic"
             )
         if value.shape != init.shape:
             raise CheckpointError(
@@ -149,7 +149,10 @@ def _head_mismatch(
     n_ckpt, n_target = ckpt["head/kernel"].shape[-1], target["head/kernel"].shape[-1]
     if ckpt["head/kernel"].shape != target["head/kernel"].shape:
         names = f" {ckpt_labels}" if ckpt_labels else ""
-        return f"label sets differ: the checkpoint's head has {n_ckpt} outputs{names}, the model {n_target}"
+        return (
+            f"label sets differ: the checkpoint's head has {n_ckpt} outputs{names}, "
+            f"the model {n_target}"
+        )
     if (
         label_names is not None
         and ckpt_labels is not None

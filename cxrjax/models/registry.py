@@ -83,7 +83,15 @@ def _register_all() -> None:
     _register(
         ModelSpec(
             name="vit_tiny_demo",
-            kwargs=dict(patch_size=8, width=96, depth=4, num_heads=4, mlp_dim=384, image_size=64),
+            kwargs=dict(
+                patch_size=8,
+                width=96,
+                depth=4,
+                num_heads=4,
+                mlp_dim=384,
+                image_size=64,
+                posemb_resample="timm",
+            ),
             patch_size=8,
             image_size=64,
             family="augreg",
