@@ -246,7 +246,7 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def _init_state(config, model, image_size, mesh, rng, total_steps):
+def init_state(config, model, image_size, mesh, rng, total_steps):
     """The optimizer and the sharded train state, with pretrained weights when configured."""
     dummy = jnp.zeros((1, image_size, image_size, 3))
     abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy)["params"], rng)
@@ -362,7 +362,7 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
     mesh = sharding.make_mesh()
     model = build_model(config, len(label_indices), info.image_size)
     rng = jax.random.key(config.seed)
-    tx, state, state_shardings = _init_state(config, model, info.image_size, mesh, rng, total_steps)
+    tx, state, state_shardings = init_state(config, model, info.image_size, mesh, rng, total_steps)
     parameter_overview.log_parameter_overview(state["params"])
     schedule = optim.learning_rate(config, total_steps)
 

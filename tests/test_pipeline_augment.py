@@ -162,3 +162,17 @@ def test_device_augment_is_deterministic_per_key_and_jits():
     assert len({np.asarray(a[i]).tobytes() for i in range(8)}) == 8
     plain = fn(images, jax.random.key(0), da.Augment(0.0, 0.0))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(images, np.float32))
+
+
+def test_device_augment_on_a_sharded_batch_matches_one_device():
+    """Draws depend on the key and the row only, not on how the batch is split over devices."""
+    from cxrjax import sharding
+
+    mesh = sharding.make_mesh()
+    images = np.stack([_image()] * 8)
+    sharded = jax.device_put(images, sharding.data_sharding(mesh))
+    fn = jax.jit(da.device_augment, static_argnums=2)
+    out = fn(sharded, jax.random.key(3), ALL_ON)
+    assert len(out.sharding.device_set) == 4
+    single = fn(jax.device_put(images, jax.devices()[0]), jax.random.key(3), ALL_ON)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-3)

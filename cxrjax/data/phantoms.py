@@ -146,10 +146,10 @@ def sample_findings(rng: np.random.Generator, prevalence: float = PREVALENCE) ->
     if rng.random() < prevalence:
         # One side (either) or both sides, with its own fluid height each.
         sides = [(True, False), (False, True), (True, True)][rng.choice(3, p=[0.35, 0.35, 0.3])]
-        effusion = tuple(float(rng.uniform(0.22, 0.6)) if s else 0.0 for s in sides)
+        effusion = tuple(float(rng.uniform(0.25, 0.6)) if s else 0.0 for s in sides)
     pneumothorax = (0.0, 0.0)
     if rng.random() < prevalence:
-        size = float(rng.uniform(0.2, 0.42))
+        size = float(rng.uniform(0.24, 0.45))
         pneumothorax = (size, 0.0) if rng.random() < 0.5 else (0.0, size)
     return Findings(cardiomegaly, effusion, pneumothorax)
 
@@ -471,7 +471,7 @@ def render_density(
     vessel_gain = aerated * (1.0 - reg["effusion"]) * (1.0 - reg["pneumothorax"])
     density += 0.09 * np.minimum(_vessels(anatomy, f), 1.5) * vessel_gain
     # The rim holds only air; the lung it left behind holds the same tissue in less volume.
-    density -= 0.12 * reg["pneumothorax"] * (1.0 - reg["effusion"])
+    density -= 0.14 * reg["pneumothorax"] * (1.0 - reg["effusion"])
     density += 0.05 * reg["collapsed_lung"] * (1.0 - heart) * (1.0 - reg["effusion"])
     density += 0.10 * reg["pleural_line"] * (1.0 - reg["effusion"])
     density += body * (0.10 * _ribs(anatomy, f) + 0.20 * _spine(anatomy, f))

@@ -50,17 +50,15 @@ __all__ = [
 
 
 class _SelectLabels:
+    """(..., all labels) with NaN = masked -> the configured labels (NaN -> 0) and their mask."""
+
     def __init__(self, label_indices: Sequence[int]):
         self._labels = np.asarray(label_indices)
 
-    def select(self, example: dict) -> dict[str, np.ndarray]:
-        labels = example["labels"][self._labels]
+    def __call__(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = labels[..., self._labels]
         known = ~np.isnan(labels)
-        return {
-            "image": example["image"],
-            "labels": np.where(known, labels, 0).astype(np.float32),
-            "mask": known,
-        }
+        return np.where(known, labels, 0).astype(np.float32), known
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -195,9 +193,17 @@ class _LocalBatch:
         self._first_row = jax.process_index() * self._local
         self._steps_per_epoch = self._num_examples // batch_size
         self._select = _SelectLabels(label_indices)
-        self._num_labels = len(label_indices)
         self._seed = seed
         self._augment = augment
+
+    @property
+    def fingerprint(self) -> dict[str, int]:
+        """What a saved position is only valid for."""
+        return {
+            "seed": self._seed,
+            "batch_size": self._batch_size,
+            "num_examples": self._num_examples,
+        }
 
     def records(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, record indices of this process's rows of global batch `step`)."""
@@ -211,19 +217,15 @@ class _LocalBatch:
         # Record by record: grain's threads already overlap reads, and array_record's batched
         # read (a thread pool per call) measured 2x slower per record on a pinned CPU.
         raw = [self._source[r] for r in records.tolist()]
-        examples = [self._select.select(r) for r in _decode(raw, self._files)]
+        examples = _decode(raw, self._files)
+        labels, mask = self._select(np.stack([e["labels"] for e in examples]))
         images = [e["image"] for e in examples]
         if self._augment.active:
             u = example_uniforms(self._seed, epoch, records)
             images = augment_images(images, u, self._augment)
         else:
             images = np.stack(images)
-        return {
-            "image": images,
-            "labels": np.stack([e["labels"] for e in examples]),
-            "mask": np.stack([e["mask"] for e in examples]),
-            "index": records.astype(np.int32),
-        }
+        return {"image": images, "labels": labels, "mask": mask, "index": records.astype(np.int32)}
 
 
 class TrainIterator:
@@ -278,15 +280,7 @@ class TrainLoader:
         self._batches = batches
         self._threads = threads
         self._worker_count = worker_count
-        self.fingerprint = {
-            "seed": batches._seed,
-            "batch_size": batches._batch_size,
-            "num_examples": batches._num_examples,
-        }
-
-    def records(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, record indices) of this process's rows of global batch `step`."""
-        return self._batches.records(step)
+        self.fingerprint = batches.fingerprint
 
     def dataset(self, start_step: int) -> grain.IterDataset:
         ds = grain.MapDataset.range(start_step, sys.maxsize).map(self._batches)
@@ -313,6 +307,9 @@ def train_loader(
     threads: int | None = None,
 ) -> TrainLoader:
     """An endless, shuffled, augmented stream of this process's rows of each global batch.
+
+    Batches: image uint8 (b, H, W), labels float32 and mask bool (b, L), index int32 (b,) (the
+    records' positions in the training split), with b = batch_size / process count.
 
     `threads` (default: the CPUs this process may use, at most 8) build batches in parallel;
     `worker_count` > 0 adds that many grain worker processes, each with its own threads.
@@ -344,32 +341,30 @@ def eval_batches(
     union of valid examples over processes is the split, each example once.
     """
     source, _ = _open(info, split)
-    decode = _SelectLabels(label_indices)
+    select = _SelectLabels(label_indices)
     local = local_batch_size(batch_size)
     per_process = -(-len(source) // jax.process_count())
     start = min(jax.process_index() * per_process, len(source))
     stop = min(start + per_process, len(source))
     for lo in range(0, per_process, local):
-        indices = range(start + lo, min(start + lo + local, stop))
+        indices = list(range(start + lo, min(start + lo + local, stop)))
         # One batched read (array_record reads in parallel); a process past the end reads none.
-        raw = _decode(source.__getitems__(list(indices)) if indices else [], info.files(split))
-        yield _pad([decode.select(r) for r in raw], raw, local, info.image_size, len(label_indices))
-
-
-def _pad(examples, raw, size: int, image_size: int, num_labels: int) -> dict[str, np.ndarray]:
-    batch = {
-        "image": np.zeros((size, image_size, image_size), np.uint8),
-        "labels": np.zeros((size, num_labels), np.float32),
-        "mask": np.zeros((size, num_labels), bool),
-        "valid": np.zeros((size,), bool),
-    }
-    for i, example in enumerate(examples):
-        for key in ("image", "labels", "mask"):
-            batch[key][i] = example[key]
-        batch["valid"][i] = True
-    batch["id"] = np.array([r["id"] for r in raw] + [""] * (size - len(raw)))
-    batch["patient"] = np.array([r["patient"] for r in raw] + [""] * (size - len(raw)))
-    return batch
+        examples = _decode(source.__getitems__(indices) if indices else [], info.files(split))
+        count = len(examples)
+        batch = {
+            "image": np.zeros((local, info.image_size, info.image_size), np.uint8),
+            "labels": np.zeros((local, len(label_indices)), np.float32),
+            "mask": np.zeros((local, len(label_indices)), bool),
+            "valid": np.arange(local) < count,
+            "id": np.array([e["id"] for e in examples] + [""] * (local - count)),
+            "patient": np.array([e["patient"] for e in examples] + [""] * (local - count)),
+        }
+        if count:
+            batch["image"][:count] = np.stack([e["image"] for e in examples])
+            batch["labels"][:count], batch["mask"][:count] = select(
+                np.stack([e["labels"] for e in examples])
+            )
+        yield batch
 
 
 def to_device(

@@ -1,0 +1,28 @@
+"""CPU smoke test of tools/bench_train.py: the same code path the GPU measurement runs."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench_train  # noqa: E402
+
+
+def test_bench_train_runs_step_and_loop_on_cpu(capsys):
+    result = bench_train.main(
+        ["--model", "vit_tiny_demo", "--batch", "8", "--steps", "2", "--dtype", "float32"]
+    )
+    figures = result["cxrjax"]
+    assert figures["images_per_s"] > 0 and figures["loop_images_per_s"] > 0
+    assert figures["mfu"] is None  # no peak rate is known for a CPU
+    assert result["device_count"] == 4 and result["commit"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("cxrjax: ")
+
+
+def test_peak_rates_are_looked_up_by_device_kind():
+    class Device:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    assert bench_train.peak_flops(Device()) == 989e12
+    Device.device_kind = "cpu"
+    assert bench_train.peak_flops(Device()) is None

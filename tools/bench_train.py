@@ -1,0 +1,277 @@
+"""Training throughput: the jitted, sharded train step alone, the full loop, and timm on one card.
+
+  python tools/bench_train.py --model vit_b16_in21k --batch 256 --steps 50 [--framework torch]
+
+Measures, on every local device:
+- step: cxrjax's train step (the one `cxrjax.train` runs: bf16 compute, float32 AdamW state,
+  donated state) on device-resident synthetic uint8 batches: images/s, ms/step, MFU (model FLOPs
+  with the 3x-forward convention over the device's peak dense bf16 rate), peak device memory;
+- loop: the same step fed by the grain pipeline from ArrayRecord shards (written first, random
+  pixels at the model's resolution), as a fraction of the step alone;
+- with --framework torch: timm's same architecture with bf16 autocast, torch.compile and fused
+  AdamW, in the same process, and the ratio cxrjax / PyTorch.
+On an accelerator each measurement is appended to benchmarks/results/ as a new JSON file (device,
+driver, library versions, commit, command, figures). On CPU it is a smoke test of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cxrjax import sharding, train
+from cxrjax.config_base import base_config
+from cxrjax.data import pipeline, shards
+from cxrjax.models import flops_per_image, get_spec
+
+# Dense bf16 peak FLOP/s per device kind (vendor datasheets, no sparsity).
+PEAK_BF16 = {
+    "H100 80GB HBM3": 989e12,  # SXM
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    kind = device.device_kind
+    matches = [v for k, v in PEAK_BF16.items() if k.lower() in kind.lower()]
+    return max(matches) if matches else None
+
+
+def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    c = base_config("bench", "csv")
+    c.model.variant = args.model
+    c.model.dtype = args.dtype
+    c.model.remat = args.remat
+    c.batch_size = args.batch
+    c.input.normalization = "pretrained"
+    return c
+
+
+def _timed(run_step, state, batches, steps: int) -> tuple[float, object]:
+    """Seconds for `steps` steps after one compile+warm-up step; the state is threaded through."""
+    state, metrics = run_step(state, next(batches))
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = run_step(state, next(batches))
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start, state
+
+
+def bench_jax(args: argparse.Namespace) -> dict:
+    config = _config(args)
+    size = args.image_size or get_spec(args.model).image_size
+    mesh = sharding.make_mesh()
+    model = train.build_model(config, args.num_labels, size)
+    total_steps = 2 * args.steps + 2
+    rng = jax.random.key(0)
+    tx, state, shardings = train.init_state(config, model, size, mesh, rng, total_steps)
+    mean, std = (jnp.asarray(v) for v in train.input_stats(config))
+    data = sharding.data_sharding(mesh)
+    step = jax.jit(
+        train.make_train_step(model, tx, mean, std, jnp.ones(args.num_labels), rng),
+        in_shardings=(shardings, data),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    host = np.random.default_rng(0)
+    batch = pipeline.to_device(
+        {
+            "image": host.integers(0, 256, (args.batch, size, size), np.uint8),
+            "labels": host.integers(0, 2, (args.batch, args.num_labels)).astype(np.float32),
+            "mask": np.ones((args.batch, args.num_labels), bool),
+        },
+        data,
+    )
+
+    def repeat():
+        while True:
+            yield batch
+
+    seconds, state = _timed(step, state, repeat(), args.steps)
+    rate = args.steps * args.batch / seconds
+    flops = 3 * flops_per_image(args.model, size, args.num_labels) * 1e9
+    device = jax.devices()[0]
+    peak = peak_flops(device)
+    stats = device.memory_stats() or {}
+    result = {
+        "images_per_s": rate,
+        "step_ms": 1000 * seconds / args.steps,
+        "train_gflops_per_image": flops / 1e9,
+        "mfu": rate * flops / (peak * jax.device_count()) if peak else None,
+        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+    }
+    if args.loop:
+        with tempfile.TemporaryDirectory() as tmp:
+            info = _write_shards(Path(tmp), size, args.num_labels, n=max(4 * args.batch, 512))
+            loader = pipeline.train_loader(
+                info,
+                batch_size=args.batch,
+                label_indices=list(range(args.num_labels)),
+                seed=0,
+                worker_count=args.workers,
+            )
+            batches = (b for b, _ in pipeline.prefetch_to_device(iter(loader), data))
+            loop_seconds, state = _timed(step, state, batches, args.steps)
+        result["loop_images_per_s"] = args.steps * args.batch / loop_seconds
+        result["loop_fraction_of_step"] = result["loop_images_per_s"] / rate
+    return result
+
+
+def _write_shards(directory: Path, size: int, num_labels: int, n: int) -> shards.DatasetInfo:
+    rng = np.random.default_rng(0)
+    writer = shards.SplitWriter(directory, "train", n, records_per_shard=max(1, n // 4))
+    for i in range(n):
+        example = shards.Example(
+            rng.integers(0, 256, (size, size), np.uint8),
+            rng.integers(0, 2, num_labels).astype(np.float32),
+            f"{i:016x}",
+            f"{i:016x}",
+        )
+        writer.write(shards.encode(example))
+    info = {
+        "name": "bench",
+        "label_names": [f"label{j}" for j in range(num_labels)],
+        "image_size": size,
+        "splits": {"train": {"files": writer.close(), "num_examples": n}},
+        "pos_weight": [1.0] * num_labels,
+    }
+    (directory / shards.INFO_FILE).write_text(json.dumps(info))
+    return shards.load_info(directory)
+
+
+def bench_torch(args: argparse.Namespace) -> dict:
+    import timm
+    import torch
+
+    spec = get_spec(args.model)
+    size = args.image_size or spec.image_size
+    name = spec.sources.get("timm", "").split(".")[0]
+    if not name:
+        raise SystemExit(f"{args.model} has no timm counterpart to compare with")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = timm.create_model(name, pretrained=False, num_classes=args.num_labels, img_size=size)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    compiled = torch.compile(model)
+    images = torch.randint(0, 256, (args.batch, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 2, (args.batch, args.num_labels), device=device).float()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step():
+        x = images.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = loss_fn(compiled(x).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "images_per_s": args.steps * args.batch / seconds,
+        "step_ms": 1000 * seconds / args.steps,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def _environment() -> dict:
+    import flax
+    import optax
+
+    device = jax.devices()[0]
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parents[1]
+    ).stdout.strip()
+    driver = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip() if device.platform == "gpu" else None  # fmt: skip
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "driver": driver,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_b16_in21k")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--num-labels", type=int, default=14)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--no-loop", dest="loop", action="store_false")
+    parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
+    parser.add_argument("--framework", choices=["jax", "torch"], default="jax")
+    parser.add_argument("--save", action="store_true", help="append results on CPU as well")
+    args = parser.parse_args(argv)
+
+    result = {"model": args.model, "batch": args.batch, "steps": args.steps,
+              **_environment(), "cxrjax": bench_jax(args)}  # fmt: skip
+    if args.framework == "torch":
+        result["torch"] = bench_torch(args)
+        result["ratio_vs_torch"] = (
+            result["cxrjax"]["images_per_s"] / result["torch"]["images_per_s"]
+        )
+    print(json.dumps(result, indent=2))
+    if result["platform"] != "cpu" or args.save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        path = RESULTS / f"{stamp}-{args.model}-{result['device'].replace(' ', '_')}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"appended {path}")
+    j = result["cxrjax"]
+    mfu = f"{100 * j['mfu']:.1f}%" if j["mfu"] else "n/a"
+    line = f"cxrjax: {j['images_per_s']:.1f} img/s, {j['step_ms']:.1f} ms/step, MFU {mfu}"
+    if "loop_fraction_of_step" in j:
+        line += f"; full loop {100 * j['loop_fraction_of_step']:.1f}% of step"
+    if "torch" in result:
+        line += f"; timm: {result['torch']['images_per_s']:.1f} img/s; "
+        line += f"ratio {result['ratio_vs_torch']:.2f}"
+    print(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()
