@@ -35,7 +35,8 @@ class Checkpointer:
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                # PyTree (not Standard) handler: it can restore the params alone (evaluation).
+                "state": ocp.PyTreeCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
             },
         )
@@ -56,7 +57,7 @@ class Checkpointer:
         self.latest.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
             ),
             force=True,
@@ -78,7 +79,7 @@ class Checkpointer:
         restored = self.latest.restore(
             self.latest.latest_step(),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=_pytree_restore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(iterator),
             ),
         )
@@ -96,10 +97,11 @@ class Checkpointer:
         step = self.latest.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
-        abstract = {"params": abstract_params}
         restored = self.latest.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract, partial_restore=True)),
+            args=ocp.args.Composite(
+                state=_pytree_restore({"params": abstract_params}, partial=True)
+            ),
         )
         return restored["state"]["params"]
 
@@ -110,6 +112,15 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restores onto `target`'s shardings, whatever topology saved the checkpoint."""
+    return ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial,
+    )
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

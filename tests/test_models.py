@@ -105,8 +105,10 @@ def test_forward_shapes_dtypes_and_headless_features(demo_params):
 
 def test_head_zero_init_gives_zero_logits():
     model = create_model("vit_tiny_demo", 4, depth=1, width=16, num_heads=2, mlp_dim=32)
-    params = _init(model, 64)
-    assert not np.any(np.asarray(model.apply({"params": params}, _images(2, 64))))
+    x = _images(2, 64)
+    params = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x)["params"])(x)
+    assert not np.any(np.asarray(params["head"]["kernel"]))
+    assert not np.any(np.asarray(_apply(model, params, x)))
 
 
 def test_bf16_compute_keeps_float32_params_and_stays_close(demo_params):

@@ -8,8 +8,11 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+
+from cxrjax import checkpoint, sharding, train
+from tests.test_train import _config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +68,20 @@ def _run(script, workdir, processes, devices_per_process):
         assert p.returncode == 0, out[-3000:]
 
 
-def _params(workdir):
-    manager = ocp.CheckpointManager(workdir / "checkpoints")
-    state = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )["state"]
-    return manager.latest_step(), state["params"]
+def _params(workdir, shards_dir):
+    """The latest saved parameters, restored onto this process's devices (any saving topology)."""
+    config = _config(shards_dir)
+    model = train.build_model(config, 2, 32)
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
+    )
+    mesh = sharding.make_mesh()
+    target = checkpoint.abstract(shapes, sharding.state_shardings(shapes, mesh))
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        return ckpt.latest_step(), ckpt.restore_params("latest", target)
+    finally:
+        ckpt.close()
 
 
 def test_two_hosts_match_one_host(tiny_shards, tmp_path):
@@ -78,8 +89,8 @@ def test_two_hosts_match_one_host(tiny_shards, tmp_path):
     script.write_text(_WORKER.format(root=str(ROOT), shards=str(tiny_shards)))
     _run(script, tmp_path / "one", processes=1, devices_per_process=4)
     _run(script, tmp_path / "two", processes=2, devices_per_process=2)
-    step_one, one = _params(tmp_path / "one")
-    step_two, two = _params(tmp_path / "two")
+    step_one, one = _params(tmp_path / "one", tiny_shards)
+    step_two, two = _params(tmp_path / "two", tiny_shards)
     assert step_one == step_two > 0
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
         # Same global batches, same dropout keys; only the all-reduce order may differ.

@@ -17,6 +17,7 @@ The study's three initialisations:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -60,7 +61,9 @@ def fetch(source: str, cache: Path) -> tuple[Path, str | None]:
             raise CheckpointError(f"{source} has no downloadable official file; pass a local path")
         source = url
     if not source.startswith(("http://", "https://")):
-        return Path(source), variant
+        if Path(source).exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+            return Path(source), variant
+        return _hub_download(source), variant
     dest = cache / source.rsplit("/", 1)[-1]
     if not dest.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,24 @@ def fetch(source: str, cache: Path) -> tuple[Path, str | None]:
             ) from e
         tmp.replace(dest)
     return dest, variant
+
+
+def _hub_download(name: str) -> Path:
+    """A Hugging Face repo id (``facebook/dinov2-base``) or a timm name (``vit_...lvd142m``)."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{name}: downloading hub names needs huggingface_hub") from e
+    try:
+        if "/" in name:
+            patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+            return Path(snapshot_download(name, allow_patterns=patterns))
+        return Path(hf_hub_download(f"timm/{name}", "model.safetensors"))
+    except Exception as e:  # network, authentication and missing-repo errors alike
+        raise CheckpointError(
+            f"{name}: not a local path, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}). Offline: download it elsewhere and pass the local path"
+        ) from e
 
 
 def convert(

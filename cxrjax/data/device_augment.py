@@ -3,7 +3,13 @@
 Both paths turn the same `NUM_UNIFORMS` uniform variates per image into the same inverse affine
 map and intensity curve (`geometry`, `intensity_curve`, written once for numpy and jax.numpy), so
 the two give the same distribution by construction; they differ only in where the variates come
-from (numpy Philox on the host, `jax.random` on the device) and in rounding (the host keeps uint8).
+from (a hash of seed, epoch and record on the host, `pipeline.example_uniforms`; `jax.random` on
+the device) and in rounding (the host keeps uint8).
+
+On the device, inside the jitted train step, with the loader built with `Augment(0.0, 0.0)`:
+
+    images = device_augment(batch["image"], jax.random.fold_in(step_rng, 1), augment)
+    images = normalize(images, mean, std)  # float32 in [0, 255], like the uint8 it replaces
 
 Resampling is bilinear with zeros outside the image, on pixel centres at integer coordinates:
 `cv2.warpAffine(..., INTER_LINEAR | WARP_INVERSE_MAP, BORDER_CONSTANT)` on the host and

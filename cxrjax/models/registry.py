@@ -116,7 +116,8 @@ def _register_all() -> None:
     }
     for size, (timm_name, npz) in augreg.items():
         name = "vit_ti16" if size == "ti" else f"vit_{size}16_in21k"
-        sources = {"timm": f"{timm_name}.augreg_in21k", "augreg_npz": _AUGREG_URL.format(name=npz)}
+        # The official file first: it is what tools and error messages offer to download.
+        sources = {"augreg_npz": _AUGREG_URL.format(name=npz), "timm": f"{timm_name}.augreg_in21k"}
         if size in hf_in21k:
             # The HF in21k checkpoints come from the original ViT release, not AugReg.
             sources["hf"] = hf_in21k[size]
