@@ -7,6 +7,7 @@ receives with explicit shardings and donates back each step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -499,8 +500,24 @@ def _flat(prefix: str, summary: dict) -> dict[str, float]:
     return out
 
 
-def predict_split(workdir: str, split: str, checkpoint_name: str = "best") -> Predictions:
-    """Predictions of a finished (or running) run's checkpoint on one split of its dataset."""
+@dataclasses.dataclass
+class Run:
+    """A trained run loaded for inference: what `predict_split` and `cxrjax.predict` need."""
+
+    config: ml_collections.ConfigDict
+    info: shards.DatasetInfo
+    label_indices: list[int]
+    model: Any
+    params: Any
+    mesh: jax.sharding.Mesh
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.info.label_names[i] for i in self.label_indices]
+
+
+def load_run(workdir: str | Path, checkpoint_name: str = "best") -> Run:
+    """The config, dataset description, model and checkpointed parameters of a run directory."""
     workdir = Path(workdir)
     config_path = workdir / CONFIG_FILE
     if not config_path.is_file():
@@ -510,17 +527,23 @@ def predict_split(workdir: str, split: str, checkpoint_name: str = "best") -> Pr
     label_indices = info.label_indices(config.data.labels)
     mesh = sharding.make_mesh()
     model = build_model(config, len(label_indices), info.image_size)
-    abstract_params = jax.eval_shape(
-        lambda: model.init(
-            {"params": jax.random.key(0)}, jnp.zeros((1, info.image_size, info.image_size, 3))
-        )["params"]
-    )
-    params_sharding = sharding.state_shardings(abstract_params, mesh)
+    dummy = jnp.zeros((1, info.image_size, info.image_size, 3))
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, dummy)["params"])
     ckpt = checkpoint.Checkpointer(workdir)
-    params = ckpt.restore_params(
-        checkpoint_name, checkpoint.abstract(abstract_params, params_sharding)
+    try:
+        params = ckpt.restore_params(
+            checkpoint_name, checkpoint.abstract(shapes, sharding.state_shardings(shapes, mesh))
+        )
+    finally:
+        ckpt.close()
+    return Run(config, info, label_indices, model, params, mesh)
+
+
+def predict_split(workdir: str, split: str, checkpoint_name: str = "best") -> Predictions:
+    """Predictions of a finished (or running) run's checkpoint on one split of its dataset."""
+    run = load_run(workdir, checkpoint_name)
+    mean, std = (jnp.asarray(v) for v in input_stats(run.config))
+    predict_step = jax.jit(make_predict_step(run.model, mean, std))
+    return predict(
+        predict_step, run.params, run.info, split, run.config, run.label_indices, run.mesh
     )
-    ckpt.close()
-    mean, std = (jnp.asarray(v) for v in input_stats(config))
-    predict_step = jax.jit(make_predict_step(model, mean, std))
-    return predict(predict_step, params, info, split, config, label_indices, mesh)

@@ -110,6 +110,7 @@ class DatasetInfo:
     splits: dict[str, dict]  # split -> {"files": [...], "num_examples": n, ...}
     pos_weight: list[float]
     train_fractions: dict[str, str]  # "0.1" -> file of record indices into the train split
+    preprocessing: dict  # the PreprocessOptions fields the images were prepared with
 
     def files(self, split: str) -> list[str]:
         if split not in self.splits or not self.splits[split]["num_examples"]:
@@ -159,4 +160,5 @@ def load_info(directory: str | Path) -> DatasetInfo:
         splits=raw["splits"],
         pos_weight=raw["pos_weight"],
         train_fractions=raw.get("train_fractions", {}),
+        preprocessing=raw.get("preprocessing", {}),
     )
