@@ -7,7 +7,7 @@ from cxrjax.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, patients="360", size="64", epochs="12")
+    args = parse_arg(arg, patients="360", size="64", epochs="60")
     c = base_config("demo", "csv")
     c.data.dir = ""  # empty: <workdir>/data, generated on first run
     c.data.demo_patients = int(args["patients"])
@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.warmup_steps = 50
     c.grad_clip = 1.0
     c.input.max_rotation = 7.0
-    c.log_every_steps = 10
+    c.eval_every_epochs = 4
+    c.log_every_steps = 25
     c.checkpoint_every_steps = 200
     return c

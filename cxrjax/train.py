@@ -247,7 +247,7 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def init_state(config, model, image_size, mesh, rng, total_steps):
+def init_state(config, model, image_size, mesh, rng, total_steps, label_names=None):
     """The optimizer and the sharded train state, with pretrained weights when configured."""
     dummy = jnp.zeros((1, image_size, image_size, 3))
     abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy)["params"], rng)
@@ -270,6 +270,7 @@ def init_state(config, model, image_size, mesh, rng, total_steps):
             jax.device_get(state["params"]),
             variant=config.model.variant,
             image_size=image_size,
+            label_names=label_names,
         )
         print(f"pretrained weights from {config.model.init_from}:\n{report}", flush=True)
         params = jax.device_put(params, shardings["params"])
@@ -363,7 +364,15 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
     mesh = sharding.make_mesh()
     model = build_model(config, len(label_indices), info.image_size)
     rng = jax.random.key(config.seed)
-    tx, state, state_shardings = init_state(config, model, info.image_size, mesh, rng, total_steps)
+    tx, state, state_shardings = init_state(
+        config,
+        model,
+        info.image_size,
+        mesh,
+        rng,
+        total_steps,
+        [info.label_names[i] for i in label_indices],
+    )
     parameter_overview.log_parameter_overview(state["params"])
     schedule = optim.learning_rate(config, total_steps)
 
@@ -439,8 +448,11 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
                 },
             )
             timer, steps_timed = time.time(), 0
-        epoch_end = step % steps_per_epoch == 0
-        if epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0:
+        # Validation and an epoch-end checkpoint every `eval_every_epochs`, and at the last step.
+        epoch_end = step % steps_per_epoch == 0 and (
+            (step // steps_per_epoch) % config.eval_every_epochs == 0 or step == total_steps
+        )
+        if epoch_end:
             val = summarize(evaluate(eval_params(state), split="val"))
             writer.scalars(step, _flat("val", val))
             ckpt.save_best(step, eval_params(state), val["mean_auroc"])
@@ -532,7 +544,10 @@ def load_run(workdir: str | Path, checkpoint_name: str = "best") -> Run:
     ckpt = checkpoint.Checkpointer(workdir)
     try:
         params = ckpt.restore_params(
-            checkpoint_name, checkpoint.abstract(shapes, sharding.state_shardings(shapes, mesh))
+            checkpoint_name,
+            checkpoint.abstract(
+                shapes, sharding.state_shardings(shapes, mesh, fsdp=config.get("fsdp", False))
+            ),
         )
     finally:
         ckpt.close()

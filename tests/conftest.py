@@ -67,3 +67,17 @@ def tiny_shards(tmp_path_factory):
         workers=1,
     )
     return out
+
+
+def assert_same_training(params_a, params_b, lr: float) -> None:
+    """Two runs that saw the same batches and keys, up to all-reduce rounding.
+
+    Adam turns rounding on near-zero gradients into steps of up to ~lr for a handful of
+    elements; a real difference (other batches, other keys, a sharding bug) moves most of them.
+    """
+    import jax
+
+    leaves = zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True)
+    diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in leaves])
+    assert (diffs > 1e-6).mean() < 0.01, f"{(diffs > 1e-6).mean():.2%} of elements differ"
+    assert diffs.max() < lr, f"max difference {diffs.max()} exceeds one step ({lr})"

@@ -68,10 +68,10 @@ def _check(ours, ref, what: str) -> None:
 # --------------------------------------------------------------------------- timm
 
 
-def _timm_vit(**kw):
+def _timm_vit(scale: float = 0.2, **kw):
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     model = timm_vit.VisionTransformer(**kw)
-    _randomize(model)
+    _randomize(model, scale=scale)
     return model.eval()
 
 
@@ -143,6 +143,7 @@ def test_timm_dinov2_matches(tmp_path, registers):
 
 def test_bf16_compute_stays_within_2e_2_of_float32_torch(tmp_path):
     model = _timm_vit(
+        scale=0.05,
         img_size=56,
         patch_size=14,
         embed_dim=64,
@@ -322,6 +323,12 @@ def test_hf_models_match(tmp_path, kind, extra):
     model.save_pretrained(tmp_path / "hf")
     assert detect_format(tmp_path / "hf") == "hf"
     conv = convert_source(tmp_path / "hf")
+    # ViTModel's tanh pooler is not part of cxrjax's model (the head reads the normed CLS token);
+    # DINOv2's mask token only serves masked-image pretraining.
+    unused = (
+        ["pooler.dense.bias", "pooler.dense.weight"] if kind == "vit" else ["embeddings.mask_token"]
+    )
+    assert conv.unused == unused
     native = extra["image_size"]
     # transformers 5 resamples position embeddings with antialiasing only for the register model.
     resample = "timm" if kind == "dinov2_reg" else "hf"
@@ -340,7 +347,7 @@ def test_hf_vit_classifier_head_and_labels(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     conv = convert_source(tmp_path / "hf")
     assert conv.label_names == ["cardiomegaly", "effusion", "pneumonia"]
-    assert any(k.startswith("vit.pooler") for k in conv.unused) or not conv.unused
+    assert conv.unused == []
     x = _inputs(32, seed=11)
     logits, _ = _flax(conv, 3, "hf")(x)
     with torch.no_grad():

@@ -147,3 +147,28 @@ def test_cxrjax_run_directory_converts_with_labels(tmp_path):
     target = random_params("vit_tiny_demo", 2, 64)
     _, report = load_pretrained(str(out), target, variant="vit_tiny_demo", image_size=64)
     assert set(report.reinitialised) == {"head/kernel", "head/bias"}
+
+
+def test_cxrjax_run_without_best_uses_latest_state(tmp_path):
+    from cxrjax.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    params = random_params("vit_tiny_demo", 3, 64)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": jax.tree.map(jnp.asarray, params),
+        "opt_state": {"mu": jax.tree.map(jnp.zeros_like, params)},
+    }
+    ckptr = Checkpointer(run, async_save=False)
+    ckptr.save(5, state, b'{"iterator": 1}')
+    ckptr.wait()
+    ckptr.close()
+    (run / "run.json").write_text(
+        json.dumps({"variant": "vit_tiny_demo", "label_names": LABELS, "image_size": 64})
+    )
+    _same(convert_source(run).params, params)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text((run / "run.json").read_text())
+    with pytest.raises(CheckpointError, match="no saved step"):
+        convert_source(empty)

@@ -86,17 +86,13 @@ def example_uniforms(seed: int, epoch: int, records: np.ndarray) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def augment_images(
-    images: Sequence[np.ndarray], u: np.ndarray, augment: Augment, out: np.ndarray | None = None
-) -> np.ndarray:
+def augment_images(images: Sequence[np.ndarray], u: np.ndarray, augment: Augment) -> np.ndarray:
     """Host augmentation of uint8 (H, W) images with draws `u` (B, NUM_UNIFORMS) -> (B, H, W).
 
     The twin of `device_augment.apply`: same maps and curves, rounded to uint8.
     """
-    count = len(images)
     height, width = images[0].shape
-    if out is None:
-        out = np.empty((count, height, width), np.uint8)
+    out = np.empty((len(images), height, width), np.uint8)
     matrices = geometry(u, augment, height, width, np) if augment.warps else None
     luts = None
     if augment.changes_intensity:
@@ -333,25 +329,33 @@ def train_loader(
 
 
 def eval_batches(
-    info: shards.DatasetInfo, split: str, *, batch_size: int, label_indices: Sequence[int]
+    info: shards.DatasetInfo,
+    split: str,
+    *,
+    batch_size: int,
+    label_indices: Sequence[int],
+    threads: int = 2,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's padded batches of `split`; `valid` marks real examples.
 
     Every process yields the same number of batches (a collective step needs all of them), and the
-    union of valid examples over processes is the split, each example once.
+    union of valid examples over processes is the split, each example once. `threads` read the
+    next batches while the device works on the current one.
     """
     source, _ = _open(info, split)
     select = _SelectLabels(label_indices)
+    files = info.files(split)
     local = local_batch_size(batch_size)
     per_process = -(-len(source) // jax.process_count())
     start = min(jax.process_index() * per_process, len(source))
     stop = min(start + per_process, len(source))
-    for lo in range(0, per_process, local):
+
+    def batch(lo: int) -> dict[str, np.ndarray]:
         indices = list(range(start + lo, min(start + lo + local, stop)))
         # One batched read (array_record reads in parallel); a process past the end reads none.
-        examples = _decode(source.__getitems__(indices) if indices else [], info.files(split))
+        examples = _decode(source.__getitems__(indices) if indices else [], files)
         count = len(examples)
-        batch = {
+        out = {
             "image": np.zeros((local, info.image_size, info.image_size), np.uint8),
             "labels": np.zeros((local, len(label_indices)), np.float32),
             "mask": np.zeros((local, len(label_indices)), bool),
@@ -360,11 +364,18 @@ def eval_batches(
             "patient": np.array([e["patient"] for e in examples] + [""] * (local - count)),
         }
         if count:
-            batch["image"][:count] = np.stack([e["image"] for e in examples])
-            batch["labels"][:count], batch["mask"][:count] = select(
+            out["image"][:count] = np.stack([e["image"] for e in examples])
+            out["labels"][:count], out["mask"][:count] = select(
                 np.stack([e["labels"] for e in examples])
             )
-        yield batch
+        return out
+
+    batches = grain.MapDataset.range(0, per_process, local).map(batch)
+    return iter(
+        batches.to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+        )
+    )
 
 
 def to_device(

@@ -1,5 +1,6 @@
 """Flax ViT family, variant registry and pretrained-weight loading."""
 
+from cxrjax.models.pretrained import LoadReport, load_pretrained
 from cxrjax.models.registry import (
     ModelSpec,
     count_params,
@@ -10,8 +11,12 @@ from cxrjax.models.registry import (
     model_kwargs,
 )
 from cxrjax.models.vit import VisionTransformer
+from cxrjax.models.weights import CheckpointError, MissingCheckpointError
 
 __all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "MissingCheckpointError",
     "ModelSpec",
     "VisionTransformer",
     "count_params",
@@ -19,5 +24,6 @@ __all__ = [
     "flops_per_image",
     "get_spec",
     "list_models",
+    "load_pretrained",
     "model_kwargs",
 ]

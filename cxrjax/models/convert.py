@@ -458,10 +458,19 @@ def convert_cxrjax_run(run_dir: str | Path, which: str = "best") -> Converted:
 
     d = Path(run_dir).absolute()
     run = json.loads((d / "run.json").read_text())
-    sub = d / ("best" if which == "best" and (d / "best").is_dir() else "checkpoints")
-    steps = sorted(int(s.name) for s in sub.glob("[0-9]*") if s.is_dir())
+
+    def steps_in(sub: Path) -> list[int]:
+        return sorted(int(s.name) for s in sub.glob("[0-9]*") if s.is_dir())
+
+    # The best-by-validation parameters when the run saved any, else the latest train state.
+    sub = d / "best"
+    if which != "best" or not steps_in(sub):
+        sub = d / "checkpoints"
+    steps = steps_in(sub)
     if not steps:
-        raise CheckpointError(f"{d}: no saved step under {sub}; train the run first")
+        raise CheckpointError(
+            f"{d}: no saved step under best/ or checkpoints/; train the run first"
+        )
     step_dir = sub / str(steps[-1])
     item = "params" if sub.name == "best" else "state"
     with ocp.PyTreeCheckpointer() as ckptr:

@@ -101,6 +101,28 @@ def _register_all() -> None:
             description="tiny ViT for tests and CPU demos (64-96 px inputs)",
         )
     )
+    _register(
+        ModelSpec(
+            name="vit_tiny14_dinov2",
+            kwargs=dict(
+                patch_size=14,
+                width=96,
+                depth=2,
+                num_heads=4,
+                mlp_dim=384,
+                image_size=28,
+                layerscale_init=1e-5,
+                posemb_resample="dinov2",
+            ),  # fmt: skip
+            patch_size=14,
+            image_size=28,
+            family="dinov2",
+            sources={},
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description="tiny DINOv2-shaped ViT (LayerScale, patch 14) for CPU tests",
+        )
+    )
     augreg = {
         "ti": ("vit_tiny_patch16_224", "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0"),
         "s": ("vit_small_patch16_224", "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"),
