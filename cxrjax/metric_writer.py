@@ -16,7 +16,8 @@ class MetricWriter:
     """Writes on process 0 only; every process may call it."""
 
     def __init__(self, workdir: str | Path):
-        self._writer = SummaryWriter(str(Path(workdir) / "tb")) if jax.process_index() == 0 else None
+        primary = jax.process_index() == 0
+        self._writer = SummaryWriter(str(Path(workdir) / "tb")) if primary else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:

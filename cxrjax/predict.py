@@ -23,16 +23,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from PIL import Image
 
+from cxrjax import sharding
 from cxrjax.data.images import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     ImageReadError,
     PreprocessOptions,
     load_radiograph,
+)
+from cxrjax.evaluation import rollout
+from cxrjax.train import (
+    MissingInputError,
+    Run,
+    input_stats,
+    load_run,
+    make_predict_step,
+    normalize,
 )
 
 CSV_FILE = "predictions.csv"
@@ -126,25 +138,19 @@ def _heatmap_path(out_dir: Path, file: str, used: set[str]) -> Path:
     return out_dir / name
 
 
-def make_forward(run: Any, heatmap: bool) -> Callable[[Any, Any], tuple[Any, Any]]:
+def make_forward(run: Run, heatmap: bool) -> Callable[[Any, Any], tuple[Any, Any]]:
     """A jitted (params, uint8 (B, H, W)) -> (probabilities, rollout patch maps or None).
 
     The input normalisation and sigmoid are the trainer's; with `heatmap` the same forward pass
     also captures the attention, so the probabilities come from one model call either way.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from cxrjax.evaluation import rollout
-    from cxrjax.train import input_stats, make_predict_step, normalize
-
     mean, std = (jnp.asarray(v) for v in input_stats(run.config))
     if not heatmap:
         predict_step = make_predict_step(run.model, mean, std)
         return jax.jit(lambda params, images: (predict_step(params, {"image": images}), None))
 
     model = run.model
-    num_prefix = 1 + getattr(model, "num_registers", 0)
+    num_prefix = 1 + model.num_registers
 
     def forward(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits, attentions = rollout.layer_attentions(model, params, normalize(images, mean, std))
@@ -156,7 +162,7 @@ def make_forward(run: Any, heatmap: bool) -> Callable[[Any, Any], tuple[Any, Any
 
 
 def predict_files(
-    run: Any,
+    run: Run,
     files: Sequence[str],
     *,
     batch_size: int = 0,
@@ -165,15 +171,10 @@ def predict_files(
 ) -> Outcome:
     """Probabilities (and, with `heatmap_dir`, overlay PNGs) for `files` under a loaded run.
 
-    run: a `cxrjax.train.Run`. batch_size 0 uses the run's eval_batch_size; every batch is
+    batch_size 0 uses the run's eval_batch_size; every batch is
     padded to one size, a multiple of the device count, so the step compiles once.
     report(file, message) is called for each unreadable file, which is then skipped.
     """
-    import jax
-
-    from cxrjax import sharding
-    from cxrjax.evaluation.rollout import overlay
-
     skipped: list[tuple[str, str]] = []
 
     def skip(name: str, message: str) -> None:
@@ -212,7 +213,7 @@ def predict_files(
         maps = np.asarray(maps)
         for name, image, patch_map in zip(batch_names, images, maps, strict=False):
             path = _heatmap_path(heatmap_dir, name, used)
-            Image.fromarray(overlay(image, patch_map)).save(path)
+            Image.fromarray(rollout.overlay(image, patch_map)).save(path)
             heatmaps.append(str(path))
     num_labels = len(run.label_indices)
     return Outcome(
@@ -269,8 +270,6 @@ def write_outputs(out_dir: Path, outcome: Outcome, meta: dict[str, Any]) -> tupl
 
 def run(fv: flags.FlagValues, files: Sequence[str]) -> int:
     """Predicts as the parsed flags say; returns the exit status."""
-    from cxrjax.train import load_run  # lazy: pulls in jax, flax and orbax
-
     if not fv.checkpoint:
         raise ValueError("--checkpoint W (a run directory) is required")
     if not files:
@@ -310,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print(fv.get_help())
         return 0
-    from cxrjax.train import MissingInputError
-
     try:
         files = fv(argv)[1:]
         return run(fv, files)

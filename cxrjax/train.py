@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from cxrjax import checkpoint, optim, sharding
 from cxrjax.data import pipeline, shards
+from cxrjax.data.device_augment import device_augment
 from cxrjax.evaluation.metrics import auroc_per_label
 from cxrjax.evaluation.predictions import Predictions, save_predictions
 from cxrjax.metric_writer import MetricWriter
@@ -108,8 +109,12 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: 
     return jnp.sum(per_entry * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_step(model, tx, mean, std, pos_weight, base_rng, *, accum_steps=1, ema_decay=0.0):
+def make_train_step(
+    model, tx, mean, std, pos_weight, base_rng, *, accum_steps=1, ema_decay=0.0, augment=None
+):
     """The jitted step: grads (over `accum_steps` micro-batches), update, optional EMA.
+
+    `augment` moves the augmentation into the step (on the device, whole batch at once).
 
     A non-finite loss or gradient leaves the state untouched (the step is skipped) and is
     reported in the metrics; the loop decides whether to stop or go on.
@@ -145,8 +150,10 @@ def make_train_step(model, tx, mean, std, pos_weight, base_rng, *, accum_steps=1
         return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
 
     def train_step(state, batch):
-        rng = jax.random.fold_in(base_rng, state["step"])
+        rng, augment_rng = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
         batch = {k: batch[k] for k in ("image", "labels", "mask")}
+        if augment is not None:
+            batch["image"] = device_augment(batch["image"], augment_rng, augment)
         if accum_steps > 1:
             loss, grads = accumulated(state["params"], batch, rng)
         else:
@@ -381,6 +388,7 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
     if not config.loss.pos_weight:
         pos_weight = jnp.ones_like(pos_weight)
     data = sharding.data_sharding(mesh)
+    augment = pipeline.Augment(config.input.flip_prob, config.input.max_rotation)
     train_step = jax.jit(
         make_train_step(
             model,
@@ -391,6 +399,7 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
             jax.random.fold_in(rng, 1),
             accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
+            augment=augment if config.input.augment_on_device else None,
         ),
         in_shardings=(state_shardings, data),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -412,7 +421,7 @@ def _train(config, workdir: Path, info: shards.DatasetInfo, label_indices: list[
         label_indices=label_indices,
         seed=config.seed,
         fraction=config.data.train_fraction,
-        augment=pipeline.Augment(config.input.flip_prob, config.input.max_rotation),
+        augment=pipeline.Augment(0.0, 0.0) if config.input.augment_on_device else augment,
         worker_count=config.data.worker_count,
     )
     train_iter = iter(loader)

@@ -64,3 +64,10 @@ def test_loss_ignores_masked_labels_and_weights_positives():
     loss_masked = train.bce_loss(logits, labels, jnp.array([[1.0, 0.0]]), jnp.array([3.0, 1.0]))
     expected = 3.0 * np.log1p(np.exp(-2.0))
     np.testing.assert_allclose(loss_masked, expected, rtol=1e-6)
+
+
+def test_device_augmentation_trains(tiny_shards, tmp_path):
+    config = _config(tiny_shards, epochs=1)
+    config.input.augment_on_device = True
+    results = train.train_and_evaluate(config, tmp_path / "run")
+    assert np.isfinite(results["test"]["mean_auroc"])

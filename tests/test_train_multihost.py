@@ -32,8 +32,7 @@ _WORKER = textwrap.dedent(
             process_id=process_id,
         )
     from cxrjax import train
-    from tests.conftest import assert_same_training
-from tests.test_train import _config
+    from tests.test_train import _config
     config = _config({shards!r}, epochs=2)
     config.model.dropout = 0.1  # the per-step dropout randomness must agree across hosts too
     config.lr = 1e-4

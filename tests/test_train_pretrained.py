@@ -35,8 +35,13 @@ def test_ssl_nonmed_config_trains_from_converted_weights_and_resumes(tmp_path):
     source = str(tmp_path / "dinov2_tiny.safetensors")
     converted = subprocess.run(
         [
-            sys.executable, "tools/convert_checkpoint.py", source,
-            "--variant", "vit_tiny14_dinov2", "--out", str(weights),
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            source,
+            "--variant",
+            "vit_tiny14_dinov2",
+            "--out",
+            str(weights),
         ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
@@ -81,8 +86,13 @@ def test_ssl_nonmed_config_trains_from_converted_weights_and_resumes(tmp_path):
 def test_missing_weights_stop_fast_with_the_command_that_makes_them(tmp_path):
     result = subprocess.run(
         [
-            sys.executable, "-m", "cxrjax.main", "--config", "configs/ssl_nonmed.py:dataset=vindr",
-            f"--config.data.dir={tmp_path / 'nodata'}", f"--workdir={tmp_path / 'run'}",
+            sys.executable,
+            "-m",
+            "cxrjax.main",
+            "--config",
+            "configs/ssl_nonmed.py:dataset=vindr",
+            f"--config.data.dir={tmp_path / 'nodata'}",
+            f"--workdir={tmp_path / 'run'}",
         ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
