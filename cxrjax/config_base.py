@@ -60,7 +60,7 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     c.model.head_zero_init = False
 
     c.input = ml_collections.ConfigDict()
-    c.input.normalization = "unit"  # the study fed [0, 1] images; "pretrained" uses the source's
+    c.input.normalization = "unit"  # study: [0, 1]; "zscore"; "pretrained": the source's
     c.input.flip_prob = 0.5
     c.input.max_rotation = 7.0
     c.input.augment_on_device = False  # True: augment inside the jitted step, not on the host
