@@ -346,9 +346,9 @@ def check_resumable(workdir: Path, fields: dict[str, Any]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     info = open_dataset(config)
     check_pretrained(config)
+    workdir.mkdir(parents=True, exist_ok=True)
     label_indices = info.label_indices(config.data.labels)
     label_names = [info.label_names[i] for i in label_indices]
     check_resumable(
