@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.datasets._common import (
+    MIMIC_LABELS,
     MetadataError,
     as_table_frame,
     find_file,
@@ -45,15 +46,7 @@ TERMS = {
 }
 STUDY_LABELS = tuple(TERMS)
 SUBSETS = {
-    "mimic_shared": (
-        "cardiomegaly",
-        "pleural_effusion",
-        "pneumonia",
-        "atelectasis",
-        "no_finding",
-        "consolidation",
-        "pneumothorax",
-    ),
+    "mimic_shared": MIMIC_LABELS,
 }
 
 
