@@ -1,4 +1,4 @@
-"""The offline demo: a tiny ViT from scratch on generated phantom radiographs (~3.5 min, 2 CPUs).
+"""The offline demo: a tiny ViT from scratch on generated phantom radiographs (~4 min, 2 CPUs).
 
 python -m cxrjax.main --config configs/demo.py --workdir /tmp/cxrjax-demo
 """
@@ -7,7 +7,7 @@ from cxrjax.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, patients="1000", size="64", epochs="20")
+    args = parse_arg(arg, patients="1000", size="64", epochs="28")
     c = base_config("demo", "csv")
     c.data.dir = ""  # empty: <workdir>/data, generated on first run
     c.data.demo_patients = int(args["patients"])
