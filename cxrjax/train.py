@@ -33,6 +33,7 @@ from cxrjax.evaluation.metrics import auroc_per_label
 from cxrjax.evaluation.predictions import Predictions, save_predictions
 from cxrjax.metric_writer import MetricWriter
 from cxrjax.models import create_model, get_spec
+from cxrjax.models.pretrained import conversion_command, load_pretrained
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -59,9 +60,7 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
     """Fails fast, before any compilation, when the configured initial weights are absent."""
     path = config.model.init_from
     if path and not Path(path).exists():
-        create = config.model.init_hint or (
-            f"python tools/convert_checkpoint.py {config.model.variant} --out {path}"
-        )
+        create = config.model.init_hint or conversion_command(path, config.model.variant)
         raise MissingInputError(
             f"no converted weights at {path}.\nCreate them with:\n  {create}\n"
             "(or point --config.model.init_from at them, or set it to '' to train from scratch)"
@@ -275,8 +274,6 @@ def init_state(config, model, image_size, mesh, rng, total_steps, label_names=No
     shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp=config.fsdp)
     state = jax.jit(init, out_shardings=shardings)(rng)
     if config.model.init_from:
-        from cxrjax.models.pretrained import load_pretrained
-
         params, report = load_pretrained(
             config.model.init_from,
             jax.device_get(state["params"]),

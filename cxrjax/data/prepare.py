@@ -113,6 +113,7 @@ def prepare_dataset(
     }
     written: dict[str, list[int]] = {s: [] for s in SPLITS}
     skipped = []
+    all_labels = frame[table.label_names].to_numpy(dtype=np.float32)
     decoded = _decoded(frame["path"].tolist(), options, workers)
     for row, result in zip(frame.itertuples(), decoded, strict=True):
         if isinstance(result, str):
@@ -121,7 +122,7 @@ def prepare_dataset(
                 {"image": row.image_hash, "split": row.split, "error": _strip(result, row.path)}
             )
             continue
-        labels = frame.loc[row.Index, table.label_names].to_numpy(dtype=np.float32)
+        labels = all_labels[row.Index]
         example = shards.Example(result, labels, row.image_hash, row.patient_hash)
         writers[row.split].write(shards.encode(example))
         written[row.split].append(row.Index)
