@@ -1,47 +1,47 @@
 """orbax checkpoints of a run: the latest K (state + data-iterator state) and the best one.
 
-`workdir/checkpoints/<step>/` holds the full train state and every process's grain iterator
-state; `workdir/best/<step>/` holds the parameters with the highest validation mean AUROC. Saves
-are asynchronous; orbax commits a step only after every file is written, so a `kill -9` during a
-save leaves the previous step restorable.
+`checkpoints/<step>/` holds the full train state and ONE shared data-iterator file (the next
+global step and what it is valid for); `best/<step>/` holds the parameters with the highest
+validation mean AUROC. The data state does not depend on the number of processes (every process
+derives its rows of a global batch from the step), so it is written once by process 0 and read
+by all, as maxtext does: a checkpoint written by 2 processes resumes on 1 and vice versa, and
+parameters restore onto whatever shardings the new topology asks for. grain's own handler keeps
+one file per process (`process_{i}-of-{n}.json`) and would tie a checkpoint to its process count;
+checkpoints written that way are still read.
+
+Saves are asynchronous; orbax commits a step only after every file is written (a tmp directory
+renamed at the end), so a `kill -9` during a save leaves the previous step restorable.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from cxrjax.errors import MissingInputError
+from cxrjax.run_dir import RunDir
 
-class _IteratorState:
-    """What grain's checkpoint handler saves: a state taken when its batch was consumed."""
-
-    def __init__(self, state: bytes):
-        self._state = state
-
-    def get_state(self) -> bytes:
-        return self._state
+_DATA_FILE = "iterator_state.json"
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
-        workdir = Path(workdir).absolute()
+    def __init__(self, run: RunDir, *, keep: int = 3, async_save: bool = True):
         self.latest = ocp.CheckpointManager(
-            workdir / "checkpoints",
+            run.checkpoints,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
             item_handlers={
                 # PyTree (not Standard) handler: it can restore the params alone (evaluation).
                 "state": ocp.PyTreeCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(_DATA_FILE),
             },
         )
         self.best = ocp.CheckpointManager(
-            workdir / "best",
+            run.best,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 best_fn=lambda metrics: metrics["val_mean_auroc"],
@@ -58,12 +58,16 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),
-                data=grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
+                data=ocp.args.JsonSave(json.loads(iterator_state)),
             ),
             force=True,
         )
 
     def save_best(self, step: int, params: Any, val_mean_auroc: float) -> None:
+        if step in self.best.all_steps():
+            # A run killed after this save but before the step's train state was committed
+            # repeats the step on resume; the parameters (and so the score) are the same.
+            return
         self.best.save(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
@@ -74,16 +78,27 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def restore_latest(self, abstract_state: Any, iterator: grain.DataLoaderIterator) -> Any:
-        """Restores the newest train state (shaped like `abstract_state`) and `iterator`."""
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, bytes]:
+        """The newest train state (onto `abstract_state`'s shardings) and the iterator state."""
+        step = self.latest.latest_step()
         restored = self.latest.restore(
-            self.latest.latest_step(),
-            args=ocp.args.Composite(
-                state=_pytree_restore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(iterator),
-            ),
+            step, args=ocp.args.Composite(state=_pytree_restore(abstract_state))
         )
-        return restored["state"]
+        return restored["state"], self._iterator_state(step)
+
+    def _iterator_state(self, step: int) -> bytes:
+        data = self.latest.directory / str(step) / "data"
+        shared = data / _DATA_FILE
+        if shared.exists():
+            return shared.read_bytes()
+        # Written by grain's handler (one file per process, all equal): read any one of them.
+        legacy = sorted(data.glob("process_*-of-*.json"))
+        if not legacy:
+            raise MissingInputError(
+                f"{data}: the checkpoint holds no data-iterator state",
+                f"Delete {self.latest.directory / str(step)} to resume from the step before.",
+            )
+        return legacy[0].read_bytes()
 
     def restore_params(self, which: str, abstract_params: Any) -> Any:
         """Parameters of the best (by validation) or the latest checkpoint."""
@@ -92,11 +107,12 @@ class Checkpointer:
                 self.best.best_step(),
                 args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
             )["params"]
-        if which not in ("best", "latest"):
-            raise ValueError(f"checkpoint must be 'best' or 'latest', not {which!r}")
         step = self.latest.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
+            raise MissingInputError(
+                f"no checkpoint in {self.latest.directory}",
+                "Train the run first (or wait for its first checkpoint).",
+            )
         restored = self.latest.restore(
             step,
             args=ocp.args.Composite(

@@ -1,13 +1,16 @@
-"""CLS features (and logits when the checkpoint has a head) of a converted or trained model.
+"""CLS features (and logits when the model has a head) of a trained run or converted weights.
 
-  python -m cxrjax.embed --checkpoint WEIGHTS_DIR --input X [X ...] --out features.npy
+  python -m cxrjax.embed --checkpoint RUN_OR_WEIGHTS_DIR --input X [X ...] --out features.npy
+      [--which best|latest] [--normalization unit|zscore|pretrained] [--batch_size 32]
 
 X is either one ``.npy`` float32 batch (N, H, W, 3) that is used exactly as given (already
 normalised: no preprocessing, so features can be compared with another implementation), or
-radiograph files (PNG/JPEG/DICOM, or folders of them) preprocessed as cxrjax's data preparation
-does (squash-resize, min-max, histogram equalisation) to the checkpoint's resolution, scaled to
-[0, 1] and normalised per ``--normalization``. Writes ``features.npy`` (N, width) float32 and,
-with a head, ``features.logits.npy`` (N, num_labels); image order is the sorted input order.
+radiograph files (PNG/JPEG/DICOM, or folders of them). Files go through the one inference path
+(`cxrjax.engine.inference.Predictor`): a run directory applies its own training preprocessing
+and input normalisation; converted weights take the default preparation at their resolution and
+``--normalization`` (default ``unit``, the study's [0, 1]). Writes ``features.npy`` (N, width)
+float32 and, with a head, ``features.logits.npy`` (N, num_labels); image order is the sorted
+input order.
 """
 
 from __future__ import annotations
@@ -16,131 +19,118 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from cxrjax.models import create_model, get_spec
-from cxrjax.models.weights import CheckpointError, read_weights, unflatten
+from cxrjax import console
+from cxrjax.data.images import ImageReadError, find_images
+from cxrjax.engine.inference import Predictor, read_radiographs
+from cxrjax.engine.step import NORMALIZATIONS
+from cxrjax.errors import ConfigError, CxrjaxError, report_and_exit
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
-
-def define_flags() -> None:
-    """Defined only when run as a script, so importing this module never clashes flags."""
-    flags.DEFINE_string("checkpoint", None, "cxrjax weights directory.")
-    flags.DEFINE_multi_string("input", None, "A .npy batch, image files or folders.")
-    flags.DEFINE_string("out", None, "Output .npy file for the features.")
+def _flag_values() -> flags.FlagValues:
+    # A private FlagValues: importing this module never clashes with the trainer's flags.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "Run directory or converted weights.", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "input", None, "A .npy batch, image files or folders.", flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "Output .npy file for the features.", flag_values=fv)
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a run.", flag_values=fv)
     flags.DEFINE_enum(
         "normalization",
-        "unit",
-        ["unit", "pretrained"],
-        "Image inputs: 'unit' feeds [0, 1] (the study), 'pretrained' the variant's mean/std.",
+        None,
+        list(NORMALIZATIONS),
+        "Converted weights only (default unit): the input normalisation.",
+        flag_values=fv,
     )
-    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+    return fv
 
 
-def load_model(checkpoint: str | Path):
-    """(model, params, meta) for a cxrjax weights directory, at its stored resolution."""
-    flat, meta = read_weights(checkpoint)
-    model = create_model(
-        meta["variant"], int(meta.get("num_classes", 0)), image_size=meta["image_size"]
-    )
-    return model, unflatten(flat), meta
-
-
-def embed_array(
-    model, params, images: np.ndarray, batch_size: int = 32
+def embed_files(
+    predictor: Predictor, files: Sequence[str], batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of an (N, H, W, 3) float32 batch; logits equal features when headless."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected an (N, H, W, 3) batch, got shape {images.shape}")
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
-    logits, feats = [], []
-    for i in range(0, len(images), batch_size):
-        lo, fe = fn(params, jnp.asarray(images[i : i + batch_size], jnp.float32))
-        logits.append(np.asarray(lo))
-        feats.append(np.asarray(fe))
+    """(features, logits) of radiograph files, prepared as the predictor's training images."""
+    feats, logits = [], []
+    bar = console.progress(total=len(files), desc="embed", unit="img")
+    for chunk in read_radiographs(files, predictor.preprocessing, batch_size):
+        bar.update(len(chunk))
+        for _, image in chunk:
+            if isinstance(image, ImageReadError):
+                raise image
+        out = predictor.outputs(np.stack([image for _, image in chunk]))
+        feats.append(out["features"])
+        logits.append(out["logits"])
+    bar.close()
     return np.concatenate(feats), np.concatenate(logits)
-
-
-def image_paths(inputs: Sequence[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    if not paths:
-        raise FileNotFoundError(
-            f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {list(inputs)}"
-        )
-    return paths
-
-
-def load_images(paths: Sequence[Path], size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """Radiograph files -> (N, size, size, 3) float32, as the trainer feeds them."""
-    from cxrjax.data.images import PreprocessOptions, load_radiograph
-
-    options = PreprocessOptions(size=size)
-    out = np.empty((len(paths), size, size, 3), np.float32)
-    for i, p in enumerate(paths):
-        gray = load_radiograph(p, options).astype(np.float32) / 255.0
-        out[i] = (gray[..., None] - mean) / std
-    return out
 
 
 def run(
     checkpoint: str,
     inputs: Sequence[str],
     out: str,
-    normalization: str = "unit",
+    *,
+    which: str = "best",
+    normalization: str | None = None,
     batch_size: int = 32,
 ) -> Path:
     """Writes features (and logits) for ``inputs``; returns the features path."""
-    model, params, meta = load_model(checkpoint)
+    predictor = Predictor.load(checkpoint, which, normalization)
     if len(inputs) == 1 and inputs[0].endswith(".npy"):
         images = np.load(inputs[0], allow_pickle=False)
         if images.dtype != np.float32:
-            raise ValueError(f"{inputs[0]}: dtype {images.dtype}, expected float32 (normalised)")
+            raise ConfigError(
+                f"{inputs[0]}: dtype {images.dtype}, expected float32 (already normalised)",
+                "Save the batch as float32, or pass the image files instead.",
+            )
+        outs = [
+            predictor.outputs_of_normalised(images[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+        feats = np.concatenate([o["features"] for o in outs])
+        logits = np.concatenate([o["logits"] for o in outs])
     else:
-        spec = get_spec(meta["variant"])
-        if normalization == "pretrained":
-            mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-        else:
-            mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
-        images = load_images(image_paths(inputs), meta["image_size"], mean, std)
-    feats, logits = embed_array(model, params, images, batch_size)
+        feats, logits = embed_files(predictor, find_images(inputs), batch_size)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.save(out_path, feats)
-    if meta.get("num_classes"):
+    if predictor.model.num_classes:
         np.save(out_path.with_suffix(".logits.npy"), logits)
     return out_path
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    if not (flags.FLAGS.checkpoint and flags.FLAGS.input and flags.FLAGS.out):
-        raise app.UsageError("usage: python -m cxrjax.embed --checkpoint C --input X --out F.npy")
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    fv = _flag_values()
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
+    console.configure(verbose=False)
     try:
+        fv(argv)
+        if not (fv.checkpoint and fv.input and fv.out):
+            raise ConfigError(
+                "--checkpoint, --input and --out are required",
+                "python -m cxrjax.embed --checkpoint C --input X --out F.npy",
+            )
         path = run(
-            flags.FLAGS.checkpoint,
-            flags.FLAGS.input,
-            flags.FLAGS.out,
-            flags.FLAGS.normalization,
-            flags.FLAGS.batch_size,
+            fv.checkpoint,
+            fv.input,
+            fv.out,
+            which=fv.which,
+            normalization=fv.normalization,
+            batch_size=fv.batch_size,
         )
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except flags.Error as e:
+        return report_and_exit(ConfigError(str(e), "See --help."))
+    except CxrjaxError as e:
+        return report_and_exit(e)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

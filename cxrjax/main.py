@@ -13,6 +13,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cxrjax import console
+from cxrjax.errors import CxrjaxError, Preempted, report_and_exit
+from cxrjax.run_dir import RunDir
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
@@ -20,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<e
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logging (orbax, absl, jax).")
 
 
 def _initialize_distributed() -> None:
@@ -34,10 +39,20 @@ def _initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    console.configure(_VERBOSE.value)
+    try:
+        sys.exit(_run(_CONFIG.value))
+    except CxrjaxError as e:
+        sys.exit(report_and_exit(e))
+    except Preempted as e:
+        console.say(str(e))
+        sys.exit(0)
+
+
+def _run(config) -> int:
     _initialize_distributed()
     # Imported here so that `--help` and config errors answer without loading the model code.
-    from cxrjax import train
+    from cxrjax.engine import trainer
 
     workdir = _WORKDIR.value or f"runs/{config.experiment}"
     logging.info(
@@ -54,15 +69,12 @@ def main(argv: list[str]) -> None:
                 patients=config.data.demo_patients,
                 image_size=config.data.demo_image_size,
             )
-    try:
-        results = train.train_and_evaluate(config, workdir)
-    except train.MissingInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    results = trainer.train_and_evaluate(config, workdir)
     for split in ("val", "test"):
         if split in results:
-            print(f"{split} mean AUROC: {results[split]['mean_auroc']:.4f}", flush=True)
-    print(f"results: {os.path.join(workdir, 'results.json')}", flush=True)
+            console.say(f"{split} mean AUROC: {results[split]['mean_auroc']:.4f}")
+    console.say(f"results: {RunDir(workdir).results}")
+    return 0
 
 
 if __name__ == "__main__":

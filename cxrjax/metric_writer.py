@@ -1,4 +1,4 @@
-"""Metrics to the console and to TensorBoard event files.
+"""Scalars to TensorBoard event files (the console shows progress and validation lines instead).
 
 clu's `metric_writers` import TensorFlow at module import; cxrjax writes the same event files with
 tensorboardX instead, so a CPU/GPU install stays free of TensorFlow.
@@ -15,9 +15,9 @@ from tensorboardX import SummaryWriter
 class MetricWriter:
     """Writes on process 0 only; every process may call it."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, directory: str | Path):
         primary = jax.process_index() == 0
-        self._writer = SummaryWriter(str(Path(workdir) / "tb")) if primary else None
+        self._writer = SummaryWriter(str(directory)) if primary else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:
@@ -25,8 +25,6 @@ class MetricWriter:
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
         self._writer.flush()
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        print(f"[{step}] {shown}", flush=True)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -160,14 +160,45 @@ def test_paired_requires_same_cases_in_same_order():
         bs.paired_bootstrap(a, a, n_resamples=5, by_patient=True)
 
 
-def test_benjamini_hochberg_equals_scipy():
+@pytest.mark.filterwarnings("ignore:l1. 80 evaluated cases hold a single class:RuntimeWarning")
+def test_paired_p_values_nan_only_for_labels_without_both_classes():
+    y, s_a, _ = _data(8, n=80, masked=False)
+    y[:, 1] = 0.0  # no positive in the split: the label is undefined for both runs
+    s_b = np.round(s_a[::-1], 2)
+    a, b = _preds(y, s_a), _preds(y, s_b)
+    counts = bs.resample_counts(len(y), 40, seed=3)
+    res_a, res_b = (bs.bootstrap(p, 40, 3, counts=counts) for p in (a, b))
+    p_label, p_mean = bs.paired_p_values(res_a, res_b)
+    assert np.isnan(p_label[1]) and np.all(np.isfinite(p_label[[0, 2]]))
+    # The label mean covers the defined labels only.
+    mean_a = res_a.samples["auroc"][:, [0, 2]].mean(axis=1)
+    mean_b = res_b.samples["auroc"][:, [0, 2]].mean(axis=1)
+    assert p_mean == np.mean(mean_a <= mean_b)
+    paired = bs.paired_bootstrap(a, b, n_resamples=40, seed=3)
+    np.testing.assert_array_equal(paired.p_label, p_label)
+    assert paired.p_mean == p_mean
+    other_seed = bs.bootstrap(b, 40, 4, counts=counts)
+    with pytest.raises(ValueError, match="same resamples"):
+        bs.paired_p_values(res_a, other_seed)
+
+
+def test_benjamini_hochberg_hand_computed_and_equals_scipy():
+    # Ranks of 0.01, 0.03, 0.04, 0.20 scale to 0.04, 0.06, 0.0533, 0.20; step-up takes the
+    # minimum from each rank upwards, so 0.03 and 0.04 share 0.0533. NaN is not counted.
+    got = bs.benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.20, np.nan]))
+    np.testing.assert_allclose(got[:4], [0.04, 0.16 / 3, 0.16 / 3, 0.20], rtol=0, atol=1e-15)
+    assert np.isnan(got[4])
+    assert np.all(np.isnan(bs.benjamini_hochberg(np.array([np.nan, np.nan]))))
+    assert bs.benjamini_hochberg(np.array([])).shape == (0,)
     rng = np.random.default_rng(6)
     p = rng.random(17) ** 3
     p[[2, 5]] = p[1]  # ties
     np.testing.assert_allclose(
         bs.benjamini_hochberg(p), stats.false_discovery_control(p), rtol=0, atol=1e-15
     )
-    with_nan = np.r_[p[:4], np.nan]
+    with_nan = np.r_[p[:4], np.nan, p[4:9]]
     got = bs.benjamini_hochberg(with_nan)
     assert np.isnan(got[4])
-    np.testing.assert_allclose(got[:4], stats.false_discovery_control(p[:4]), atol=1e-15)
+    np.testing.assert_allclose(
+        np.delete(got, 4), stats.false_discovery_control(p[:9]), rtol=0, atol=1e-15
+    )

@@ -77,7 +77,8 @@ def test_csv_file_argument_explicit_labels_and_image_root(tmp_path):
         "i2,x/2.dcm,008,70,0,1\n",
     )
     table = read_csv(csv_path, labels=["effusion"])
-    assert table.label_names == ["effusion"]
+    assert table.label_names == ["pleural_effusion"]  # the column's finding, canonically named
+    np.testing.assert_array_equal(table.frame["pleural_effusion"], [1, 0])
     assert table.frame["path"].tolist() == [
         str(tmp_path / "meta/x/1.dcm"),
         str(tmp_path / "meta/x/2.dcm"),
@@ -92,6 +93,27 @@ def test_csv_file_argument_explicit_labels_and_image_root(tmp_path):
     # Auto detection sees `age` as a label and refuses: it is not 0/1.
     with pytest.raises(MetadataError, match=r"'age'.*--threshold.*--labels"):
         read_csv(csv_path)
+
+
+def test_csv_known_findings_get_canonical_names(tmp_path):
+    _write(
+        tmp_path / "labels.csv",
+        "path,patient_id,Effusion,Pleural Thickening,Healthy\na.png,p1,1,0,0\nb.png,p2,0,1,1\n",
+    )
+    table = read_csv(tmp_path)
+    # Known findings in any spelling get the canonical name; others keep the column's name.
+    assert table.label_names == ["pleural_effusion", "pleural_thickening", "Healthy"]
+    np.testing.assert_array_equal(table.frame["pleural_effusion"], [1, 0])
+    np.testing.assert_array_equal(table.frame["Healthy"], [0, 1])
+    # --labels may name the column or the canonical name.
+    table = read_csv(tmp_path, labels=["pleural_thickening", "Effusion"])
+    assert table.label_names == ["pleural_thickening", "pleural_effusion"]
+    np.testing.assert_array_equal(table.frame["pleural_thickening"], [0, 1])
+    with pytest.raises(MetadataError, match=r"no column for label\(s\) \['fracture'\]"):
+        read_csv(tmp_path, labels=["fracture"])
+    _write(tmp_path / "labels.csv", "path,patient_id,effusion,Pleural Effusion\na.png,p1,1,0\n")
+    with pytest.raises(MetadataError, match=r"'effusion' and 'Pleural Effusion' both name"):
+        read_csv(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +180,12 @@ def test_chestxray14_fixture(tmp_path):
     assert f.loc["00000003_000.png", "path"] == str(tmp_path / "images_002/images/00000003_000.png")
     assert f.loc["00000002_000.png", "path"] == str(tmp_path / "images/00000002_000.png")
     shared = read_chestxray14(tmp_path, labels="mimic_shared")
-    assert shared.label_names[:2] == ["cardiomegaly", "effusion"] and len(shared.label_names) == 7
+    assert shared.label_names[:2] == ["cardiomegaly", "pleural_effusion"]
+    assert len(shared.label_names) == 7
+    # --labels in the dataset's own spelling resolves to the canonical name.
+    own = read_chestxray14(tmp_path, labels=["Effusion", "Pleural_Thickening"])
+    assert own.label_names == ["pleural_effusion", "pleural_thickening"]
+    assert own.frame["pleural_thickening"].tolist() == [0, 0, 0, 1]
 
 
 def test_chestxray14_unknown_code_and_missing_column(tmp_path):
@@ -307,7 +334,7 @@ def test_padchest_fixture(tmp_path):
     assert f.loc["c.png", "path"] == str(tmp_path / "5" / "c.png")
     assert f.loc["a.png", "no_finding"] == 1 and f.loc["a.png", table.label_names].sum() == 1
     positives = {n for n in table.label_names if f.loc["c.png", n] == 1}
-    assert positives == {"pleural_effusion", "nodule_mass", "hernia", "COPD_signs"}
+    assert positives == {"pleural_effusion", "nodule_mass", "hernia", "copd_signs"}
     assert f.loc["d.png", table.label_names].isna().all()  # blank Labels: masked
     assert f.loc["e.png", table.label_names].sum() == 0  # [''] : labelled, nothing found
     assert f.loc["c.png", "patient_id"] == "P2"
@@ -399,8 +426,11 @@ def test_label_set_choices(tmp_path):
     assert len(read_chexpert(tmp_path, labels="all").label_names) == 14
     with pytest.raises(ValueError, match="unknown label set"):
         read_chexpert(tmp_path, labels="nih")
-    with pytest.raises(ValueError, match=r"unknown label\(s\) \['tumour'\]"):
+    with pytest.raises(ValueError, match=r"unknown label\(s\) \['tumour'\]\navailable: .*'edema'"):
         read_chexpert(tmp_path, labels=["tumour"])
+    assert read_chexpert(tmp_path, labels=["Pleural Effusion"]).label_names == ["pleural_effusion"]
+    with pytest.raises(ValueError, match="repeats a name"):
+        read_chexpert(tmp_path, labels=["Pleural Effusion", "pleural_effusion"])
 
 
 # --- the real, published label files ----------------------------------------------------------
@@ -431,7 +461,7 @@ def test_real_chestxray14():
             counts.update(row[1].split("|"))
     assert table.frame["cardiomegaly"].sum() == counts["Cardiomegaly"] == 2_776
     assert table.frame["hernia"].sum() == counts["Hernia"] == 227
-    assert table.frame["effusion"].sum() == counts["Effusion"]
+    assert table.frame["pleural_effusion"].sum() == counts["Effusion"]
     assert table.frame["pleural_thickening"].sum() == counts["Pleural_Thickening"]
     assert table.frame["no_finding"].sum() == counts["No Finding"] == 60_361
     row = _row(table, "00000001_001.png")

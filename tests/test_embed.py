@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 from PIL import Image
 
 from cxrjax import embed
+from cxrjax.data.images import PreprocessOptions, find_images, load_radiograph
+from cxrjax.engine.inference import Predictor
 from cxrjax.models import create_model
 from cxrjax.models.weights import save_weights
 from tests.test_models_pretrained import random_params
@@ -53,10 +57,14 @@ def test_image_files_are_preprocessed_like_training(tmp_path):
     feats = np.load(out)
     assert feats.shape == (2, 96)
     assert not (tmp_path / "f.logits.npy").exists()
-    # Sorted order, and identical to embedding the preprocessed batch directly.
-    paths = embed.image_paths([str(folder)])
-    assert [p.name for p in paths] == ["a.png", "b.png"]
-    batch = embed.load_images(paths, 64, np.zeros(3, np.float32), np.ones(3, np.float32))
-    assert batch.min() >= 0.0 and batch.max() <= 1.0
-    model, params, _ = embed.load_model(path)
-    np.testing.assert_allclose(feats, embed.embed_array(model, params, batch)[0], atol=1e-6)
+    # Sorted order, and identical to the predictor's features of the preprocessed images.
+    paths = find_images([str(folder)])
+    assert [Path(p).name for p in paths] == ["a.png", "b.png"]
+    predictor = Predictor.from_weights(path)
+    images = np.stack([load_radiograph(p, PreprocessOptions(size=64)) for p in paths])
+    np.testing.assert_allclose(feats, predictor.outputs(images)["features"], atol=1e-6)
+    # Converted weights take --normalization; a run directory refuses it (it has its own).
+    pretrained = np.load(
+        embed.run(str(path), [str(folder)], str(tmp_path / "g.npy"), normalization="pretrained")
+    )
+    assert np.abs(pretrained - feats).max() > 1e-3

@@ -86,22 +86,27 @@ def test_bad_invocations_fail_clearly(tmp_path, capsys):
     assert "needs `patients`" in capsys.readouterr().err
 
 
-def test_workdir_mode_calls_predict_split(tmp_path, monkeypatch):
-    train = pytest.importorskip("cxrjax.train")
+def test_workdir_mode_predicts_the_runs_dataset(tmp_path, monkeypatch):
+    (tmp_path / "run.json").write_text("{}")
+    config = {"data": {"dir": str(tmp_path / "data")}, "eval_batch_size": 16}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     calls = []
 
-    def fake_predict_split(workdir, split, checkpoint):
-        calls.append((workdir, split, checkpoint))
-        return _preds()
+    def fake_predict_run(workdir, data, split, checkpoint, label_map, batch_size):
+        calls.append((workdir, data, split, checkpoint, label_map, batch_size))
+        return _preds(), {"tested_on": "x"}
 
-    monkeypatch.setattr(train, "predict_split", fake_predict_split)
+    monkeypatch.setattr(evaluate, "predict_run", fake_predict_run)
     argv = ["evaluate", f"--workdir={tmp_path}", "--split=val", "--checkpoint=latest"]
     assert evaluate.main([*argv, "--bootstrap=10"]) == 0
-    assert calls == [(str(tmp_path), "val", "latest")]
+    assert calls == [(tmp_path, tmp_path / "data", "val", "latest", {}, 16)]
     saved = load_predictions(tmp_path / "predictions_val_latest.npz")
     np.testing.assert_array_equal(saved.probs, _preds().probs)
     js = json.loads((tmp_path / "metrics_val_latest.json").read_text())
-    assert js["checkpoint"] == "latest" and js["split"] == "val"
+    assert js["checkpoint"] == "latest" and js["split"] == "val" and js["tested_on"] == "x"
+    # Not a run directory, and a malformed --label-map: clear errors, exit 2.
+    assert evaluate.main(["evaluate", f"--workdir={tmp_path / 'nope'}"]) == 2
+    assert evaluate.main([*argv, "--label-map=effusion"]) == 2
 
 
 def test_module_entry_point(tmp_path):

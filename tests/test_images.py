@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,6 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 from cxrjax.data.images import (
     ImageReadError,
     PreprocessOptions,
-    equalize_hist,
     load_radiograph,
     preprocess,
     read_image,
@@ -257,7 +257,8 @@ def _equalize_reference(img: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", ["uniform", "skewed", "narrow", "two_values", "constant"])
-def test_equalize_matches_opencv(case):
+def test_opencv_equalize_is_the_study_formula(case):
+    # Pins the formula preprocess relies on, should an OpenCV release change it.
     rng = np.random.default_rng(0)
     shape = (97, 113)
     img = {
@@ -267,9 +268,20 @@ def test_equalize_matches_opencv(case):
         "two_values": lambda: rng.choice([3, 200], shape),
         "constant": lambda: np.full(shape, 77),
     }[case]().astype(np.uint8)
-    got = equalize_hist(img)
-    np.testing.assert_array_equal(got, cv2.equalizeHist(img))
-    np.testing.assert_array_equal(got, _equalize_reference(img))
+    np.testing.assert_array_equal(cv2.equalizeHist(img), _equalize_reference(img))
+
+
+@pytest.mark.parametrize("resize", ["squash", "pad"])
+def test_preprocess_equalizes_the_uint8_image_before_padding(resize):
+    image = _phantom(180, 120, 16, seed=5).astype(np.float32)
+    opts = PreprocessOptions(size=48, resize=resize, resample="zoom")
+    plain = preprocess(image, dataclasses.replace(opts, equalize=False))
+    got = preprocess(image, opts)
+    content = np.s_[:, 8:40] if resize == "pad" else np.s_[:, :]
+    np.testing.assert_array_equal(got[content], _equalize_reference(plain[content]))
+    if resize == "pad":
+        # Padding stays black: it is added after equalisation, not equalised with the image.
+        assert not got[:, :8].any() and not got[:, 40:].any()
 
 
 def test_preprocess_zoom_is_the_study_pipeline():

@@ -123,10 +123,11 @@ def test_missing_and_wrong_checkpoints_are_clear(ckpt, tmp_path):
 
 def test_cxrjax_run_directory_converts_with_labels(tmp_path):
     from cxrjax.checkpoint import Checkpointer
+    from cxrjax.run_dir import RunDir
 
     run = tmp_path / "run"
     params = random_params("vit_tiny_demo", 3, 64)
-    ckptr = Checkpointer(run, async_save=False)
+    ckptr = Checkpointer(RunDir(run), async_save=False)
     ckptr.save_best(7, jax.tree.map(jnp.asarray, params), 0.81)
     ckptr.wait()
     ckptr.close()
@@ -151,6 +152,7 @@ def test_cxrjax_run_directory_converts_with_labels(tmp_path):
 
 def test_cxrjax_run_without_best_uses_latest_state(tmp_path):
     from cxrjax.checkpoint import Checkpointer
+    from cxrjax.run_dir import RunDir
 
     run = tmp_path / "run"
     params = random_params("vit_tiny_demo", 3, 64)
@@ -159,7 +161,7 @@ def test_cxrjax_run_without_best_uses_latest_state(tmp_path):
         "params": jax.tree.map(jnp.asarray, params),
         "opt_state": {"mu": jax.tree.map(jnp.zeros_like, params)},
     }
-    ckptr = Checkpointer(run, async_save=False)
+    ckptr = Checkpointer(RunDir(run), async_save=False)
     ckptr.save(5, state, b'{"iterator": 1}')
     ckptr.wait()
     ckptr.close()

@@ -7,6 +7,7 @@ import pytest
 
 from cxrjax import checkpoint, sharding
 from cxrjax.data import pipeline, shards
+from cxrjax.run_dir import RunDir
 
 BATCH = 8
 
@@ -114,17 +115,18 @@ def test_resume_from_an_orbax_checkpoint_replays_the_uninterrupted_batches(
     ]
 
     state = {"x": jnp.zeros(4)}
-    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt = checkpoint.Checkpointer(RunDir(tmp_path), async_save=False)
     batches = pipeline.prefetch_to_device(iter(_loader(info)), data, size=3)
     for _ in range(stop_at):
         _, iterator_state = next(batches)
     ckpt.save(stop_at, state, iterator_state)
     ckpt.close()
 
-    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt = checkpoint.Checkpointer(RunDir(tmp_path), async_save=False)
     resumed_iterator = iter(_loader(info))
     abstract = checkpoint.abstract(state, {"x": sharding.replicated(mesh)})
-    ckpt.restore_latest(abstract, resumed_iterator)
+    _, iterator_state = ckpt.restore_latest(abstract)
+    resumed_iterator.set_state(iterator_state)
     ckpt.close()
     resumed = pipeline.prefetch_to_device(resumed_iterator, data)
     for expected in uninterrupted[stop_at:]:

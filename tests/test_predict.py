@@ -11,24 +11,27 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxrjax import predict, train
-from cxrjax.data.images import PreprocessOptions, load_radiograph
+from cxrjax import predict
+from cxrjax.data.images import load_radiograph
 from cxrjax.data.splits import salted_hash
+from cxrjax.engine import trainer
+from cxrjax.engine.inference import Predictor
+from cxrjax.engine.step import normalize
 from cxrjax.evaluation import rollout
 from cxrjax.models.vit import Attention, VisionTransformer
 from tests.conftest import write_tiny_raw_dataset
-from tests.test_train import _config
+from tests.test_train import _config, predict_split
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory):
     """A 1-epoch run on the tiny dataset, and the raw PNGs its shards were prepared from."""
     workdir = tmp_path_factory.mktemp("predict_run") / "run"
-    train.train_and_evaluate(_config(tiny_shards, epochs=1), workdir)
+    trainer.train_and_evaluate(_config(tiny_shards, epochs=1), workdir)
     raw = tmp_path_factory.mktemp("predict_raw")
     # Same seed as the tiny_shards fixture: the same pixels, so the same prepared images.
     table = write_tiny_raw_dataset(raw)
-    run = train.load_run(workdir, "best")
+    run = Predictor.from_run(workdir, "best")
     return workdir, table.frame, run, jax.jit(run.model.apply, static_argnames="train")
 
 
@@ -58,14 +61,13 @@ def _read_csv(path) -> tuple[list[str], dict[str, np.ndarray]]:
     return rows[0], {r[0]: np.array([float(v) for v in r[1:]], np.float32) for r in rows[1:]}
 
 
-def _model_input(run: train.Run, path) -> jax.Array:
+def _model_input(run: Predictor, path) -> jax.Array:
     """One file as the model sees it, preprocessed and normalised by hand."""
-    image = load_radiograph(path, PreprocessOptions(**run.info.preprocessing))
-    mean, std = train.input_stats(run.config)
-    return train.normalize(jnp.asarray(image[None]), jnp.asarray(mean), jnp.asarray(std))
+    image = load_radiograph(path, run.preprocessing)
+    return normalize(jnp.asarray(image[None]), jnp.asarray(run.mean), jnp.asarray(run.std))
 
 
-def _direct_probs(run: train.Run, apply, path) -> np.ndarray:
+def _direct_probs(run: Predictor, apply, path) -> np.ndarray:
     """Probabilities of one file by a plain model call; `apply` is the jitted model.apply."""
     logits = apply({"params": run.params}, _model_input(run, path), train=False)
     return np.asarray(jax.nn.sigmoid(logits))[0]
@@ -73,7 +75,7 @@ def _direct_probs(run: train.Run, apply, path) -> np.ndarray:
 
 def test_predict_cli_matches_predict_split_dicom_and_skips_corrupt(trained, tmp_path, capsys):
     workdir, frame, run, apply = trained
-    split = train.predict_split(str(workdir), "test", "best")
+    split = predict_split(workdir)
     by_hash = {salted_hash(i, "test"): p for i, p in zip(frame.image_id, frame.path, strict=True)}
     pngs = [by_hash[i] for i in split.ids[:5]]
     expected = dict(zip(pngs, split.probs[:5], strict=True))
@@ -144,7 +146,7 @@ def test_heatmaps_from_a_folder_and_rollout_rows_sum_to_one(trained, tmp_path):
     # Same stem twice: the second overlay gets a distinct name instead of overwriting the first.
     heatmaps = [p["heatmap"] for p in document["predictions"]]
     assert heatmaps == [str(out / "a_heatmap.png"), str(out / "a-2_heatmap.png")]
-    size = run.info.image_size
+    size = run.image_size
     for entry in document["predictions"]:
         with Image.open(entry["heatmap"]) as im:
             assert im.size == (size, size) and im.mode == "RGB"
@@ -272,15 +274,3 @@ def test_overlay_puts_the_hot_colour_where_attention_is():
     assert rgb[2, 29, 0] > rgb[2, 29, 2] and rgb[29, 2, 2] > rgb[29, 2, 0]
     flat = rollout.overlay(gray, np.ones((4, 4), np.float32))
     assert len(np.unique(flat.reshape(-1, 3), axis=0)) == 1
-
-
-def test_collect_files_expands_folders(tmp_path):
-    (tmp_path / "d" / "e").mkdir(parents=True)
-    for name in ["d/b.PNG", "d/a.dcm", "d/e/c.jpg", "d/notes.txt", "d/.hidden.png"]:
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "d" / "bare").write_bytes(b"\0" * 128 + b"DICM")
-    (tmp_path / "d" / "README").write_bytes(b"text")
-    given = tmp_path / "x.weird"
-    files = predict.collect_files([str(given), str(tmp_path / "d")])
-    expected = ["x.weird", "d/a.dcm", "d/b.PNG", "d/bare", "d/e/c.jpg"]
-    assert files == [str(tmp_path / f) for f in expected]

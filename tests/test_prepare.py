@@ -8,6 +8,7 @@ from cxrjax.data import shards, splits
 from cxrjax.data.images import PreprocessOptions
 from cxrjax.data.prepare import prepare_dataset
 from cxrjax.data.table import RawTable
+from cxrjax.errors import ConfigError
 from tests.conftest import write_tiny_raw_dataset
 
 
@@ -90,3 +91,37 @@ def test_leaking_official_split_fails(tmp_path):
     )
     with pytest.raises(splits.LeakageError):
         prepare_dataset(RawTable("leak", ["y"], frame), tmp_path, seed=0, dry_run=True)
+
+
+def test_resume_after_interrupt_keeps_skipped_images_accounted(tmp_path, monkeypatch):
+    table = write_tiny_raw_dataset(tmp_path, n_images=24)
+    first_train = splits.assign_splits(table.frame, seed=0, val_fraction=0.1, test_fraction=0.2)
+    bad = table.frame.loc[(first_train == "train").idxmax(), "path"]
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    kwargs = dict(options=PreprocessOptions(size=16), seed=0, salt="s", workers=1)
+    kwargs.update(train_fractions=(0.5,), records_per_shard=4)
+    reference = prepare_dataset(table, tmp_path / "a", **kwargs)
+
+    commit, commits = shards.ShardWriter.commit, []
+
+    def interrupting_commit(self):
+        if len(commits) == 2:
+            raise KeyboardInterrupt
+        commits.append(1)
+        return commit(self)
+
+    monkeypatch.setattr(shards.ShardWriter, "commit", interrupting_commit)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(table, tmp_path / "b", **kwargs)
+    monkeypatch.undo()
+    # The skipped image is in a finished shard: the resumed run must count it without decoding.
+    finished = json.loads((tmp_path / "b" / "progress.json").read_text())["shards"]
+    assert [e["skipped"] != [] for e in finished.values()] == [True, False]
+    assert prepare_dataset(table, tmp_path / "b", **kwargs) == reference
+    assert reference["skipped"] == 1
+    for name in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    with pytest.raises(ConfigError, match="seed: existing 0, now 1"):
+        prepare_dataset(table, tmp_path / "b", **{**kwargs, "seed": 1})

@@ -62,6 +62,7 @@ def test_study_plans_the_sup_med_chain(tmp_path):
             fractions=[0.1],
             seeds=[0],
             overrides=[],
+            cross_dataset=False,
         )  # fmt: skip
     )
     names = [j.name for j in jobs]
@@ -69,3 +70,30 @@ def test_study_plans_the_sup_med_chain(tmp_path):
     assert "configs/sup_med.py:stage=finetune,dataset=vindr,fraction=0.1,seed=0" in " ".join(
         jobs[2].command
     )
+
+
+def test_cross_dataset_grid_tests_every_run_on_every_other_dataset(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import run_study
+
+    jobs = run_study.plan(
+        run_study.argparse.Namespace(
+            runs_dir=str(tmp_path),
+            inits=["scratch"],
+            datasets=["chexpert", "vindr", "chestxray14"],
+            fractions=[1.0],
+            seeds=[0],
+            overrides=[],
+            cross_dataset=True,
+        )
+    )
+    external = [j for j in jobs if " -> tested on " in j.name]
+    assert len(external) == 3 * 2
+    first = external[0]
+    assert first.name == "scratch chexpert fraction=1 seed=0 -> tested on vindr"
+    command = " ".join(first.command)
+    assert "-m cxrjax.evaluate" in command and "--data=data/vindr" in command
+    assert first.done_marker == (
+        tmp_path / "chexpert/scratch/fraction1/seed0/external/vindr/predictions_test.npz"
+    )
+    assert first.status == "pending"

@@ -2,9 +2,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from cxrjax import sharding, train
+from cxrjax import sharding
+from cxrjax.engine import trainer
 from tests.conftest import assert_same_training
-from tests.test_train import _config
+from tests.test_train import _config, latest_params
 
 
 def test_fsdp_splits_large_parameters_and_replicates_small_ones():
@@ -30,9 +31,8 @@ def test_fsdp_training_matches_data_parallel(tiny_shards, tmp_path):
         config.fsdp = fsdp
         config.lr = 1e-4
         workdir = tmp_path / f"fsdp{fsdp}"
-        train.train_and_evaluate(config, workdir)
-        run = train.load_run(workdir, "latest")
-        params[fsdp] = run.params
+        trainer.train_and_evaluate(config, workdir)
+        params[fsdp] = latest_params(workdir, fsdp=fsdp)[1]
     sharded = [x for x in jax.tree.leaves(params[True]) if not x.sharding.is_fully_replicated]
     assert sharded, "FSDP left every parameter replicated"
     assert_same_training(params[False], params[True], lr=1e-4)

@@ -3,7 +3,10 @@ import json
 import numpy as np
 
 from configs import demo
-from cxrjax import train
+from cxrjax.data import shards
+from cxrjax.engine import step, trainer
+from cxrjax.engine.inference import Predictor
+from cxrjax.run_dir import RunDir
 
 
 def _config(data_dir, epochs=2):
@@ -19,9 +22,38 @@ def _config(data_dir, epochs=2):
     return c
 
 
+def predict_split(workdir, split="test", which="best"):
+    """A run's predictions on a split of the dataset its config names, through the Predictor."""
+    info = shards.load_info(RunDir(workdir).read_config().data.dir)
+    predictor = Predictor.from_run(workdir, which)
+    return predictor.predict_split(info, split, batch_size=8)
+
+
+def latest_params(workdir, fsdp=False):
+    """(step, params) of the latest checkpoint, restored onto this process's mesh."""
+    import jax
+    import jax.numpy as jnp
+
+    from cxrjax import checkpoint, sharding
+    from cxrjax.engine.state import build_model
+
+    model = build_model(_config(""), 2, 32)
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
+    )
+    target = checkpoint.abstract(
+        shapes, sharding.state_shardings(shapes, sharding.make_mesh(), fsdp=fsdp)
+    )
+    ckpt = checkpoint.Checkpointer(RunDir(workdir))
+    try:
+        return ckpt.latest_step(), ckpt.restore_params("latest", target)
+    finally:
+        ckpt.close()
+
+
 def test_train_writes_results_checkpoints_events_and_resumes(tiny_shards, tmp_path, capsys):
     workdir = tmp_path / "run"
-    results = train.train_and_evaluate(_config(tiny_shards), workdir)
+    results = trainer.train_and_evaluate(_config(tiny_shards), workdir)
     info = json.loads((tiny_shards / "dataset_info.json").read_text())
     steps_per_epoch = info["splits"]["train"]["num_examples"] // 8
     assert results["steps"] == 2 * steps_per_epoch
@@ -33,24 +65,22 @@ def test_train_writes_results_checkpoints_events_and_resumes(tiny_shards, tmp_pa
     assert (workdir / "checkpoints" / str(results["steps"])).is_dir()
     assert list((workdir / "best").iterdir())
     assert (workdir / "predictions_test.npz").is_file()
-    assert "images_per_s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val mean AUROC" in out and "parameters" in out
+    assert (workdir / "parameters.txt").is_file()
 
     # Same workdir, more epochs: continues from the last checkpoint instead of step 0.
-    capsys.readouterr()
-    more = train.train_and_evaluate(_config(tiny_shards, epochs=3), workdir)
+    more = trainer.train_and_evaluate(_config(tiny_shards, epochs=3), workdir)
     assert more["steps"] == 3 * steps_per_epoch
-    logged_steps = [
-        int(line.split("]")[0][1:])
-        for line in capsys.readouterr().out.splitlines()
-        if line[:1] == "["
-    ]
-    assert min(logged_steps) > 2 * steps_per_epoch
+    out = capsys.readouterr().out
+    assert f"resumed from step {2 * steps_per_epoch}" in out
+    assert f"trained {steps_per_epoch} steps" in out
 
 
 def test_predict_split_matches_saved_predictions(tiny_shards, tmp_path):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(_config(tiny_shards, epochs=1), workdir)
-    preds = train.predict_split(str(workdir), "test", "best")
+    trainer.train_and_evaluate(_config(tiny_shards, epochs=1), workdir)
+    preds = predict_split(workdir)
     saved = np.load(workdir / "predictions_test.npz")
     np.testing.assert_allclose(preds.probs, saved["probs"], atol=1e-6)
     np.testing.assert_array_equal(preds.ids, saved["ids"])
@@ -61,7 +91,7 @@ def test_loss_ignores_masked_labels_and_weights_positives():
 
     logits = jnp.array([[2.0, -1.0]])
     labels = jnp.array([[1.0, 0.0]])
-    loss_masked = train.bce_loss(logits, labels, jnp.array([[1.0, 0.0]]), jnp.array([3.0, 1.0]))
+    loss_masked = step.bce_loss(logits, labels, jnp.array([[1.0, 0.0]]), jnp.array([3.0, 1.0]))
     expected = 3.0 * np.log1p(np.exp(-2.0))
     np.testing.assert_allclose(loss_masked, expected, rtol=1e-6)
 
@@ -69,5 +99,5 @@ def test_loss_ignores_masked_labels_and_weights_positives():
 def test_device_augmentation_trains(tiny_shards, tmp_path):
     config = _config(tiny_shards, epochs=1)
     config.input.augment_on_device = True
-    results = train.train_and_evaluate(config, tmp_path / "run")
+    results = trainer.train_and_evaluate(config, tmp_path / "run")
     assert np.isfinite(results["test"]["mean_auroc"])

@@ -1,4 +1,4 @@
-"""2 processes x 2 devices through jax.distributed train exactly like 1 process x 4 devices."""
+"""Real jax.distributed processes: 2 hosts train like 1, and a run resumes on another topology."""
 
 import os
 import socket
@@ -7,12 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
-from cxrjax import checkpoint, sharding, train
 from tests.conftest import assert_same_training
-from tests.test_train import _config
+from tests.test_train import latest_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,20 +19,22 @@ _WORKER = textwrap.dedent(
     from absl import flags
     flags.FLAGS.mark_as_parsed()
     sys.path.insert(0, {root!r})
-    process_id, num_processes, port, workdir = (
-        int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    process_id, num_processes, port, workdir, epochs, fsdp = (
+        int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+        sys.argv[6] == "fsdp",
     )
     if num_processes > 1:
         jax.distributed.initialize(
             coordinator_address=f"localhost:{{port}}", num_processes=num_processes,
             process_id=process_id,
         )
-    from cxrjax import train
+    from cxrjax.engine import trainer
     from tests.test_train import _config
-    config = _config({shards!r}, epochs=2)
+    config = _config({shards!r}, epochs=epochs)
     config.model.dropout = 0.1  # the per-step dropout randomness must agree across hosts too
     config.lr = 1e-4
-    train.train_and_evaluate(config, workdir)
+    config.fsdp = fsdp
+    trainer.train_and_evaluate(config, workdir)
     """
 )
 
@@ -47,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(script, workdir, processes, devices_per_process):
+def _run(script, workdir, processes, devices_per_process, epochs=2, fsdp=False):
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
@@ -56,7 +54,16 @@ def _run(script, workdir, processes, devices_per_process):
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(i), str(processes), port, str(workdir)],
+            [
+                sys.executable,
+                str(script),
+                str(i),
+                str(processes),
+                port,
+                str(workdir),
+                str(epochs),
+                "fsdp" if fsdp else "dp",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -67,30 +74,27 @@ def _run(script, workdir, processes, devices_per_process):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    return outputs[0]
 
 
-def _params(workdir, shards_dir):
-    """The latest saved parameters, restored onto this process's devices (any saving topology)."""
-    config = _config(shards_dir)
-    model = train.build_model(config, 2, 32)
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
-    )
-    mesh = sharding.make_mesh()
-    target = checkpoint.abstract(shapes, sharding.state_shardings(shapes, mesh))
-    ckpt = checkpoint.Checkpointer(workdir)
-    try:
-        return ckpt.latest_step(), ckpt.restore_params("latest", target)
-    finally:
-        ckpt.close()
-
-
-def test_two_hosts_match_one_host(tiny_shards, tmp_path):
+def test_two_hosts_match_one_host_and_resume_on_another_topology(tiny_shards, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(root=str(ROOT), shards=str(tiny_shards)))
     _run(script, tmp_path / "one", processes=1, devices_per_process=4)
     _run(script, tmp_path / "two", processes=2, devices_per_process=2)
-    step_one, one = _params(tmp_path / "one", tiny_shards)
-    step_two, two = _params(tmp_path / "two", tiny_shards)
+    step_one, one = latest_params(tmp_path / "one")
+    step_two, two = latest_params(tmp_path / "two")
     assert step_one == step_two > 0
     assert_same_training(one, two, lr=1e-4)
+
+    # Epoch 1 on 2 processes x 2 devices (data parallel), epoch 2 resumed on 1 process x 2
+    # devices with FSDP: the shared iterator state and topology-free restore continue the run
+    # at the same global step with the same batches as the uninterrupted 1-process run.
+    resized = tmp_path / "resized"
+    _run(script, resized, processes=2, devices_per_process=2, epochs=1)
+    first_step, _ = latest_params(resized)
+    out = _run(script, resized, processes=1, devices_per_process=2, epochs=2, fsdp=True)
+    assert f"resumed from step {first_step}" in out
+    step_resized, params = latest_params(resized)
+    assert step_resized == step_one
+    assert_same_training(one, params, lr=1e-4)

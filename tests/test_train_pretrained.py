@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrjax import train
 from cxrjax.data.images import PreprocessOptions
 from cxrjax.data.prepare import prepare_dataset
+from cxrjax.engine import trainer
 from tests.conftest import write_tiny_raw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +65,11 @@ def test_ssl_nonmed_config_trains_from_converted_weights_and_resumes(tmp_path):
     config.epochs = 1
     config.log_every_steps = 2
     workdir = tmp_path / "run"
-    first = train.train_and_evaluate(config, workdir)
+    first = trainer.train_and_evaluate(config, workdir)
     assert first["steps"] > 0
 
     config.epochs = 2
-    second = train.train_and_evaluate(config, workdir)
+    second = trainer.train_and_evaluate(config, workdir)
     assert second["steps"] == 2 * first["steps"]
 
     evaluated = subprocess.run(

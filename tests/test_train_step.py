@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrjax import train
+from cxrjax.engine import step as train
 from cxrjax.models import create_model
 
 MEAN, STD = jnp.zeros(3), jnp.ones(3)

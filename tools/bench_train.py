@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxrjax import sharding, train
+from cxrjax import sharding
 from cxrjax.config_base import base_config
 from cxrjax.data import pipeline, shards
+from cxrjax.engine import state as train_state
+from cxrjax.engine import step as steps
 from cxrjax.models import flops_per_image, get_spec
 
 # Dense bf16 peak FLOP/s per device kind (vendor datasheets, no sparsity).
@@ -82,14 +84,15 @@ def bench_jax(args: argparse.Namespace) -> dict:
     config = _config(args)
     size = args.image_size or get_spec(args.model).image_size
     mesh = sharding.make_mesh()
-    model = train.build_model(config, args.num_labels, size)
+    model = train_state.build_model(config, args.num_labels, size)
     total_steps = 2 * args.steps + 2
     rng = jax.random.key(0)
-    tx, state, shardings = train.init_state(config, model, size, mesh, rng, total_steps)
-    mean, std = (jnp.asarray(v) for v in train.input_stats(config))
+    tx, state, shardings, _ = train_state.init_state(config, model, size, mesh, rng, total_steps)
+    stats = steps.input_stats(config.input.normalization, config.model.variant)
+    mean, std = (jnp.asarray(v) for v in stats)
     data = sharding.data_sharding(mesh)
     step = jax.jit(
-        train.make_train_step(model, tx, mean, std, jnp.ones(args.num_labels), rng),
+        steps.make_train_step(model, tx, mean, std, jnp.ones(args.num_labels), rng),
         in_shardings=(shardings, data),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -9,7 +9,8 @@ Each Wi is a run directory (holding `predictions_<split>.npz` and `config.json` 
 names it). Runs on the same dataset and training fraction are compared on shared resamples;
 every other initialisation is tested against the baseline (default: the first run's) with
 H1 'higher AUROC than the baseline', p = fraction of resamples where its AUROC <= the
-baseline's. Benjamini-Hochberg runs over all labels and datasets of one comparison (label
+baseline's (`bootstrap.paired_p_values`: NaN for a label without both classes in the shared
+test split). Benjamini-Hochberg runs over all labels and datasets of one comparison (label
 means form their own family). Writes comparison.md, comparison.csv, comparison.json and PNGs.
 """
 
@@ -26,9 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxrjax.errors import CxrjaxError
+from cxrjax.evaluate import metrics_path_for
 from cxrjax.evaluation import bootstrap as bs
 from cxrjax.evaluation import report
 from cxrjax.evaluation.predictions import Predictions, load_predictions
+from cxrjax.run_dir import RunDir
 
 MEAN_ROW = "mean (labels)"
 
@@ -51,17 +55,29 @@ def _config_field(config: dict[str, Any], key: str) -> Any:
 
 
 def load_run(path: str | Path, split: str = "test") -> Run:
-    """A run from a workdir or a predictions file, with its config's names."""
+    """A run from a workdir or a predictions file, with its config's names.
+
+    A predictions file written by external validation (`cxrjax.evaluate --workdir A --data B`)
+    is named after the run that made it and compared on the dataset it was tested on, so its
+    column reads "<init> (trained on <A>)" in B's rows.
+    """
     path = Path(path)
+    external: dict[str, Any] = {}
     if path.is_dir():
-        pred_path, config_path = path / f"predictions_{split}.npz", path / "config.json"
+        pred_path, config_path = RunDir(path).predictions(split), path / RunDir.CONFIG
         if not pred_path.is_file():
             raise FileNotFoundError(
-                f"{path}: no predictions_{split}.npz; write it with "
+                f"{path}: no {pred_path.name}; write it with "
                 f"`python -m cxrjax.evaluate --workdir {path} --split {split}`"
             )
     elif path.is_file():
-        pred_path, config_path = path, path.parent / "config.json"
+        pred_path, config_path = path, path.parent / RunDir.CONFIG
+        metrics_path = metrics_path_for(pred_path)
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+            if "trained_on" in metrics:
+                external = metrics
+                config_path = Path(metrics["workdir"]) / RunDir.CONFIG
     else:
         raise FileNotFoundError(f"{path}: neither a run directory nor a predictions file")
     config: dict[str, Any] = {}
@@ -72,11 +88,16 @@ def load_run(path: str | Path, split: str = "test") -> Run:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from e
     experiment = config.get("experiment") or pred_path.stem
     fraction = _config_field(config, "train_fraction")
+    init = str(config.get("init") or experiment)
+    dataset = str(_config_field(config, "dataset") or "-")
+    if external:
+        init = f"{init} (trained on {external['trained_on']})"
+        dataset = str(external["tested_on"])
     return Run(
         source=str(path),
         experiment=str(experiment),
-        dataset=str(_config_field(config, "dataset") or "-"),
-        init=str(config.get("init") or experiment),
+        dataset=dataset,
+        init=init,
         train_fraction=1.0 if fraction is None else float(fraction),
         preds=load_predictions(pred_path),
     )
@@ -152,13 +173,10 @@ def compare(
             for c, rr in res.items():
                 if c == baseline:
                     continue
-                p = bs.p_value(rr.samples["auroc"], base.samples["auroc"])
-                p[~base.included] = np.nan
+                p_label, p_mean = bs.paired_p_values(rr, base)
                 for j, row in enumerate(rows):
-                    row[f"p:{c}"] = float(p[j])
-                mean_row[f"p:{c}"] = float(
-                    bs.p_value(rr.mean_samples["auroc"], base.mean_samples["auroc"])
-                )
+                    row[f"p:{c}"] = float(p_label[j])
+                mean_row[f"p:{c}"] = p_mean
         entries.extend([*rows, mean_row])
 
     # One BH family per comparison: its label p-values over all datasets; label means apart.
@@ -278,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [load_run(p, args.split) for p in args.runs]
         out = compare(runs, args.bootstrap, args.seed, args.by_patient, args.baseline)
         written = write_outputs(out, Path(args.out), args.bootstrap, args.seed, args.by_patient)
-    except (ValueError, FileNotFoundError) as e:
+    except (CxrjaxError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))

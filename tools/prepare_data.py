@@ -5,7 +5,7 @@
       [--vindr-aggregation majority|any] [--csv FILE] [--threshold T]
       [--resize squash|pad] [--resample reduce|zoom] [--no-equalize] [--voi-lut]
       [--no-official-split] [--val-fraction 0.1] [--test-fraction 0.2]
-      [--train-fraction 0.01 0.1 0.5] [--seed 0]
+      [--train-fraction 0.01 0.1 0.5] [--seed 0] [--records-per-shard 10000]
       [--workers N] [--dry-run] [--bench N]
 
 --dry-run reads the label files only (no image is opened) and prints per split the images,
@@ -13,6 +13,12 @@ patients, positives and masked entries per label; `<out>/summary.json` holds the
 --bench N decodes and preprocesses N images of the table with 1 and 2 worker processes and
 prints images/s per file type, without writing shards.
 Identifiers are hashed with the salt in $CXRJAX_SALT (random when unset).
+
+An interrupted preparation (killed, disk full) resumes when the same command is run again: the
+finished shards are verified and kept, the rest written, with the salt the first run stored in
+`<out>/progress.salt` (deleted once the dataset is complete). The result is byte-identical to an
+uninterrupted run. A different command on the same --out is refused, naming the options that
+differ; `<out>/dataset_info.json` appears last and means the dataset is complete.
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ from cxrjax.data.images import (
     load_radiograph,
 )
 from cxrjax.data.table import RawTable
+from cxrjax.errors import EXIT_USER_ERROR, ConfigError, cli
 
 # Label-set names every reader understands besides its own subsets.
 _NAMED_SETS = ("default", "all", "mimic_shared")
+# Options that do not change what is written: a rerun may change them.
+_RUN_ONLY = ("out", "workers", "dry_run", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--train-fraction", type=float, nargs="+", default=[], dest="train_fractions")
+    p.add_argument("--train-fraction", type=float, nargs="+", default=[])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--records-per-shard",
+        type=int,
+        default=prepare.RECORDS_PER_SHARD,
+        help=f"images per shard file (default {prepare.RECORDS_PER_SHARD})",
+    )
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all)")
     p.add_argument("--dry-run", action="store_true", help="read metadata only and print counts")
     p.add_argument("--bench", type=int, metavar="N", help="time decoding of N images; no shards")
@@ -83,11 +98,17 @@ def read_table(args: argparse.Namespace) -> RawTable:
         labels = labels[0]
     if args.dataset == "csv":
         if isinstance(labels, str):
-            raise SystemExit("--dataset csv takes explicit --labels column names, not a set name")
+            raise ConfigError(
+                f"--dataset csv takes explicit --labels column names, not the set name {labels!r}",
+                "name the label columns of the CSV",
+            )
         table = READERS["csv"](args.raw, csv=args.csv, labels=labels, threshold=args.threshold)
     else:
         if args.csv is not None or args.threshold is not None:
-            raise SystemExit("--csv and --threshold apply to --dataset csv only")
+            raise ConfigError(
+                f"--csv and --threshold apply to --dataset csv only, not {args.dataset}",
+                "drop them",
+            )
         kwargs: dict = {"labels": labels, "uncertain": args.uncertain}
         if args.dataset == "vindr":
             kwargs["aggregation"] = args.vindr_aggregation
@@ -151,6 +172,16 @@ def bench(paths: Sequence[str], options: PreprocessOptions, workers: Sequence[in
     return results
 
 
+def command_options(args: argparse.Namespace) -> dict:
+    """The options that decide the output, keyed as typed ("--size"), paths made absolute."""
+    return {
+        "--" + key.replace("_", "-"): str(value.resolve()) if isinstance(value, Path) else value
+        for key, value in vars(args).items()
+        if key not in _RUN_ONLY
+    }
+
+
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -164,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = read_table(args)
     except (MetadataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(f"{table.name}: {len(table.frame):,} images, {len(table.label_names)} labels", flush=True)
     if args.bench:
         paths = table.frame["path"].head(args.bench).tolist()
@@ -179,10 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         options=options,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
-        train_fractions=args.train_fractions,
+        train_fractions=args.train_fraction,
         seed=args.seed,
         workers=args.workers,
         dry_run=args.dry_run,
+        records_per_shard=args.records_per_shard,
+        command=command_options(args),
     )
     print(_format_counts(summary))
     if not args.dry_run:

@@ -3,6 +3,8 @@
   python tools/run_study.py --datasets vindr chexpert --fractions 1.0 0.1 --seeds 0 1        # list
   python tools/run_study.py --datasets vindr --run --compare-out results/vindr             # run all
   python tools/run_study.py ... --config.batch_size=64    (any --config.x=y goes to every run)
+  python tools/run_study.py --datasets chexpert chestxray14 vindr --cross-dataset --run \
+      --compare-out results/external    # also every run on every other dataset's test split
 
 Finished runs (a `results.json` in the workdir) are skipped; interrupted ones resume from their
 checkpoint. `sup_med` needs its MIMIC-CXR pretraining stage first: the grid then contains that run
@@ -18,6 +20,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from cxrjax.config_base import data_root
+from cxrjax.run_dir import RunDir
 
 INITS = ("ssl_nonmed", "sup_nonmed", "sup_med", "scratch")
 MIMIC_WEIGHTS = "vit_b16_mimic"
@@ -84,6 +89,26 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 workdir / "results.json",
             )
         )
+    if args.cross_dataset:
+        jobs += external_jobs([j for j in jobs if j.workdir and "pretrain" not in j.name], args)
+    return jobs
+
+
+def external_jobs(train_jobs: list[Job], args: argparse.Namespace) -> list[Job]:
+    """External validation: each trained run on the test split of every other dataset."""
+    jobs = []
+    for job in train_jobs:
+        trained_on = job.workdir.relative_to(Path(args.runs_dir)).parts[0]
+        for dataset in args.datasets:
+            if dataset == trained_on:
+                continue
+            out = job.workdir / "external" / dataset
+            command = [
+                sys.executable, "-m", "cxrjax.evaluate", f"--workdir={job.workdir}",
+                f"--data={data_root()}/{dataset}", "--split=test", f"--out={out}",
+            ]  # fmt: skip
+            done = RunDir(job.workdir).predictions("test", out=out)
+            jobs.append(Job(f"{job.name} -> tested on {dataset}", command, None, done))
     return jobs
 
 
@@ -96,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs/study")
     parser.add_argument("--run", action="store_true", help="run what is not finished")
     parser.add_argument("--compare-out", help="then compare the finished runs into this folder")
+    parser.add_argument(
+        "--cross-dataset",
+        action="store_true",
+        help="also evaluate every run on every other dataset's test split (external validation)",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -115,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"failed ({result.returncode}): {job.name}; stopping", file=sys.stderr)
                 return result.returncode
     finished = [str(j.workdir) for j in jobs if j.workdir and j.done and "pretrain" not in j.name]
+    finished += [str(j.done_marker) for j in jobs if " -> tested on " in j.name and j.done]
     if args.compare_out and finished:
         command = [sys.executable, "tools/compare.py", *finished, "--out", args.compare_out]
         print(" ".join(command), flush=True)

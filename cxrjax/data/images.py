@@ -2,22 +2,27 @@
 
 `read_image` returns the radiograph as raw 2-D float32 values in display orientation (bright =
 dense); `preprocess` turns it into the stored (size, size) uint8 image; `load_radiograph` does
-both. The original study resized with `scipy.ndimage.zoom(order=2)` on the full image, min-max
-scaled to uint8 and applied `cv2.equalizeHist`; all three are reproduced here exactly, with one
-documented speed option (`PreprocessOptions.resample`).
+both; `find_images` lists the radiographs under files and folders. The original study resized
+with `scipy.ndimage.zoom(order=2)` on the full image, min-max scaled to uint8 and applied
+`cv2.equalizeHist`; all three are reproduced here exactly, with one documented speed option
+(`PreprocessOptions.resample`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pydicom.errors
 import scipy.ndimage
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from cxrjax.errors import CxrjaxError, MissingInputError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -28,7 +33,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PLUGIN_FIX = "install the decoders: pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg"
 
 
-class ImageReadError(Exception):
+class ImageReadError(CxrjaxError):
     """A radiograph that cannot be decoded; the message names the file, the problem and the fix."""
 
     def __init__(self, path: str | Path, problem: str, fix: str) -> None:
@@ -44,7 +49,7 @@ class PreprocessOptions:
     size: side of the square output.
     resize: "squash" resizes to size x size ignoring the aspect ratio (the study); "pad" keeps the
       aspect ratio and pads the short side with black (0) after equalisation.
-    equalize: global histogram equalisation with cv2.equalizeHist's formula (the study).
+    equalize: global histogram equalisation of the uint8 image with cv2.equalizeHist (the study).
     voi_lut: DICOM only: apply the VOI LUT / window after the modality LUT (the study did not).
     resample: "zoom" is the study's exact `scipy.ndimage.zoom(order=2)` on the full-resolution
       image (~0.2 s for 3000 x 3000, dominated by the spline prefilter over every input pixel);
@@ -69,15 +74,59 @@ class PreprocessOptions:
             raise ValueError(f"size={self.size} is too small for a radiograph; use e.g. 224 or 512")
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
+def looks_like_dicom(path: str | Path) -> bool:
+    """Whether `path` is read as DICOM: by its suffix, else by the DICM magic after the preamble.
+
+    Files without a telling suffix (e.g. MIMIC's or UKA's bare DICOM names) are opened and their
+    bytes 128..131 compared with b"DICM"; image suffixes are trusted without opening the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
         return True
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if suffix in IMAGE_SUFFIXES:
         return False
-    # No telling suffix (e.g. MIMIC's or UKA's bare DICOM names): look for the DICM preamble.
     with open(path, "rb") as f:
-        head = f.read(132)
-    return head[128:132] == b"DICM"
+        return f.read(132)[128:132] == b"DICM"
+
+
+def find_images(paths: Sequence[str | Path], *, must_exist: bool = True) -> list[str]:
+    """The radiograph files that `paths` name, in order: files as given, folders expanded.
+
+    A file is kept whatever its name or content (unreadable ones are reported when read). A
+    folder contributes, recursively and sorted, its files with an image or DICOM suffix and the
+    suffix-less ones with the DICOM preamble; hidden files and files in hidden folders below it
+    are skipped, and anything else is ignored rather than reported, since folders often hold
+    notes and metadata. Raises MissingInputError when no image is found at all, and for a path
+    that does not exist unless `must_exist` is False (then it is kept, to be reported as
+    unreadable with the others: `predict` over many files skips what it cannot read).
+    """
+    known = DICOM_SUFFIXES + IMAGE_SUFFIXES
+    files: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists() and must_exist:
+            raise MissingInputError(
+                f"{given}: no such file or folder",
+                "check the path; give radiograph files (DICOM, PNG, JPEG) or folders holding them",
+            )
+        if not path.is_dir():
+            files.append(str(given))
+            continue
+        for found in sorted(p for p in path.rglob("*") if p.is_file()):
+            # Hidden entries are editor, OS or VCS leftovers (.DS_Store, .git, checkpoints).
+            if any(part.startswith(".") for part in found.relative_to(path).parts):
+                continue
+            suffix = found.suffix.lower()
+            if suffix in known or (not suffix and looks_like_dicom(found)):
+                files.append(str(found))
+    if not files:
+        raise MissingInputError(
+            f"no images in {', '.join(str(p) for p in paths) or 'the empty list of inputs'}",
+            f"folders are searched recursively for {' '.join(known)} files and suffix-less DICOM "
+            "files; name a file directly to read it whatever its suffix",
+        )
+    return files
 
 
 def _stored_range(ds: pydicom.Dataset) -> np.ndarray:
@@ -181,7 +230,7 @@ def read_image(
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found", "check --raw points at the dataset root")
-    if _is_dicom(path):
+    if looks_like_dicom(path):
         image = _read_dicom(path, voi_lut)
     else:
         image = _read_pil(path, min_size)
@@ -213,27 +262,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def equalize_hist(image: np.ndarray) -> np.ndarray:
-    """Global histogram equalisation of a uint8 image with cv2.equalizeHist's exact formula.
-
-    cv2: with i the lowest occupied bin, lut[i] = 0 and lut[j] = round((cdf[j] - hist[i]) *
-    255 / (N - hist[i])) in float32; a constant image maps to its own value.
-    """
-    if image.dtype != np.uint8:
-        raise TypeError(f"equalize_hist needs uint8, got {image.dtype}")
-    hist = np.bincount(image.ravel(), minlength=256)
-    first = int(np.flatnonzero(hist)[0])
-    total = image.size
-    if hist[first] == total:
-        return np.full_like(image, first)
-    scale = np.float32(255.0) / np.float32(total - hist[first])
-    cdf = np.cumsum(hist) - hist[first]
-    # np.rint rounds half to even, as cv2's saturate_cast (lrint) does.
-    lut = np.clip(np.rint(cdf.astype(np.float32) * scale), 0, 255).astype(np.uint8)
-    lut[: first + 1] = 0
-    return lut[image]
-
-
 def preprocess(image: np.ndarray, options: PreprocessOptions) -> np.ndarray:
     """Raw 2-D image -> (size, size) uint8: resize, min-max to uint8, optional equalisation."""
     if image.ndim != 2:
@@ -247,7 +275,7 @@ def preprocess(image: np.ndarray, options: PreprocessOptions) -> np.ndarray:
         shape = tuple(max(1, min(size, round(n * scale))) for n in image.shape)
     out = to_uint8(_resize(image, shape, options.resample))
     if options.equalize:
-        out = equalize_hist(out)
+        out = cv2.equalizeHist(out)
     if options.resize == "pad":
         top, left = (size - shape[0]) // 2, (size - shape[1]) // 2
         padded = np.zeros((size, size), dtype=np.uint8)

@@ -13,8 +13,10 @@ import hashlib
 import numpy as np
 import pandas as pd
 
+from cxrjax.errors import ConfigError, CxrjaxError
 
-class LeakageError(RuntimeError):
+
+class LeakageError(CxrjaxError, RuntimeError):
     """A patient appears in more than one split."""
 
 
@@ -41,7 +43,9 @@ def assign_splits(
     without an official validation split give `val_fraction` of their patients to "val".
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1:
-        raise ValueError("val_fraction and test_fraction must lie in [0, 1)")
+        raise ConfigError(
+            f"val_fraction {val_fraction} and test_fraction {test_fraction} must lie in [0, 1)"
+        )
     split = frame["split"].astype(str).copy()
     patients = pd.Series(frame["patient_id"].astype(str).unique())
     draw = dict(zip(patients, _uniform(patients, seed, "split"), strict=True))
@@ -62,7 +66,7 @@ def assign_splits(
 def train_subset_mask(patient_ids: pd.Series, fraction: float, *, seed: int) -> np.ndarray:
     """Rows of the training split kept at `fraction`, nested across fractions, by patient."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"train fraction {fraction} must lie in (0, 1]")
+        raise ConfigError(f"train fraction {fraction} must lie in (0, 1]")
     patients = pd.Series(patient_ids.astype(str).unique())
     draw = dict(zip(patients, _uniform(patients, seed, "fraction"), strict=True))
     return patient_ids.astype(str).map(draw).to_numpy() < fraction

@@ -12,7 +12,9 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
+from cxrjax.errors import ConfigError
 from cxrjax.evaluation import metrics
 from cxrjax.evaluation.predictions import Predictions
 
@@ -112,6 +114,8 @@ class BootstrapResult:
 
     `point[m]` is (L,), `samples[m]` is (R, L). The label mean covers `included` labels (those
     with both classes in the full split); `mean_point[m]` and `mean_samples[m]` hold it.
+    `included` depends on the ground truth alone (probabilities are finite wherever a label is
+    known), so paired predictions share it.
     """
 
     label_names: list[str]
@@ -172,7 +176,7 @@ def _num(x: float) -> float | int | None:
 def draw_counts(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:
     """The (R, N) resample counts of `preds`, by image or by its `patients`."""
     if by_patient and preds.patients is None:
-        raise ValueError(
+        raise ConfigError(
             "by-patient bootstrap needs `patients` in the predictions file; write it with "
             "hashed patient ids or drop --by-patient"
         )
@@ -196,7 +200,9 @@ def bootstrap(
     if counts is None:
         counts = draw_counts(preds, n_resamples, seed, by_patient)
     elif counts.shape != (n_resamples, len(preds.ids)):
-        raise ValueError(f"counts shape {counts.shape}, expected ({n_resamples}, {len(preds.ids)})")
+        raise ConfigError(
+            f"counts shape {counts.shape}, expected ({n_resamples}, {len(preds.ids)})"
+        )
     samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask)
     return BootstrapResult(
         label_names=preds.label_names,
@@ -213,29 +219,25 @@ def check_paired(a: Predictions, b: Predictions, names: tuple[str, str] = ("A", 
     """Raise unless `a` and `b` hold the same cases in the same order with the same labels."""
     na, nb = names
     if a.label_names != b.label_names:
-        raise ValueError(
+        raise ConfigError(
             f"{na} and {nb} have different label_names: {a.label_names} vs {b.label_names}"
         )
     if a.ids.shape != b.ids.shape or not np.array_equal(a.ids, b.ids):
         same_set = set(a.ids.tolist()) == set(b.ids.tolist())
         hint = "same ids in a different order" if same_set else "different ids"
-        raise ValueError(
+        raise ConfigError(
             f"{na} and {nb} are not paired ({hint}); predict both models on the same split "
             "with the same ordering before comparing"
         )
     if not np.array_equal(a.known, b.known) or not np.array_equal(
         a.labels[a.known], b.labels[b.known]
     ):
-        raise ValueError(f"{na} and {nb} disagree on the ground-truth labels or mask")
+        raise ConfigError(f"{na} and {nb} disagree on the ground-truth labels or mask")
 
 
 @dataclasses.dataclass
 class PairedResult:
-    """One-sided paired bootstrap test of H1 'A has the higher AUROC'.
-
-    `p_label[j]` (and `p_mean`) is the fraction of shared resamples where A's AUROC <= B's,
-    among resamples where both are defined.
-    """
+    """One-sided paired bootstrap test of H1 'A has the higher AUROC'; see `paired_p_values`."""
 
     a: BootstrapResult
     b: BootstrapResult
@@ -250,6 +252,30 @@ def p_value(auc_a: np.ndarray, auc_b: np.ndarray) -> np.ndarray:
         return ((auc_a <= auc_b) & valid).sum(axis=0) / valid.sum(axis=0)
 
 
+def paired_p_values(res_a: BootstrapResult, res_b: BootstrapResult) -> tuple[np.ndarray, float]:
+    """(p_label (L,), p_mean) of H1 'A has the higher AUROC' on shared bootstrap resamples.
+
+    `res_a` and `res_b` must come from `bootstrap` of paired predictions (`check_paired`) with
+    the same `counts`. p_label[j] is the fraction of resamples where A's AUROC <= B's, among
+    resamples where both are defined; it is defined (not NaN) only when label j has both classes
+    in the shared test split. That is `included`, a property of the shared ground truth, hence
+    the same for both runs. p_mean is the same fraction for the mean over the included labels.
+    """
+    if (res_a.n_resamples, res_a.seed, res_a.by_patient) != (
+        res_b.n_resamples,
+        res_b.seed,
+        res_b.by_patient,
+    ) or not np.array_equal(res_a.included, res_b.included):
+        raise ConfigError(
+            "paired p-values need both results bootstrapped on the same resamples of the same "
+            "split; bootstrap paired predictions with shared counts"
+        )
+    p_label = p_value(res_a.samples["auroc"], res_b.samples["auroc"])
+    p_label[~res_a.included] = np.nan
+    p_mean = float(p_value(res_a.mean_samples["auroc"], res_b.mean_samples["auroc"]))
+    return p_label, p_mean
+
+
 def paired_bootstrap(
     a: Predictions,
     b: Predictions,
@@ -261,14 +287,11 @@ def paired_bootstrap(
     """Bootstrap both models on the same resamples and test whether A's AUROC exceeds B's."""
     check_paired(a, b, names)
     if by_patient and not np.array_equal(a.patients, b.patients):
-        raise ValueError(f"{names[0]} and {names[1]} disagree on patients; cannot pair by patient")
+        raise ConfigError(f"{names[0]} and {names[1]} disagree on patients; cannot pair by patient")
     counts = draw_counts(a, n_resamples, seed, by_patient)
     res_a = bootstrap(a, n_resamples, seed, by_patient, counts)
     res_b = bootstrap(b, n_resamples, seed, by_patient, counts)
-    auc_a, auc_b = res_a.samples["auroc"], res_b.samples["auroc"]
-    p_label = p_value(auc_a, auc_b)
-    p_label[~res_a.included] = np.nan
-    p_mean = float(p_value(res_a.mean_samples["auroc"], res_b.mean_samples["auroc"]))
+    p_label, p_mean = paired_p_values(res_a, res_b)
     return PairedResult(a=res_a, b=res_b, p_label=p_label, p_mean=p_mean)
 
 
@@ -277,15 +300,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     ok = ~np.isnan(p)
-    vals = p[ok]
-    m = vals.size
-    if m == 0:
-        return out
-    order = np.argsort(vals)
-    scaled = vals[order] * m / np.arange(1, m + 1)
-    # Step-up: each adjusted value is the smallest scaled value at its rank or above.
-    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    sub = np.empty(m)
-    sub[order] = adjusted
-    out[ok] = sub
+    # scipy rejects NaN and empty input: adjust the defined p-values only.
+    if ok.any():
+        out[ok] = stats.false_discovery_control(p[ok], method="bh")
     return out

@@ -13,8 +13,14 @@ import os
 
 import numpy as np
 
+from cxrjax.errors import CxrjaxError
+
 _REQUIRED = ("labels", "probs", "label_names", "ids")
 _OPTIONAL = ("mask", "patients")
+
+
+class PredictionsError(CxrjaxError, ValueError):
+    """A predictions file whose fields disagree or hold bad values; names the file."""
 
 
 @dataclasses.dataclass
@@ -50,37 +56,41 @@ class Predictions:
         return np.ones(self.labels.shape, bool) if self.mask is None else self.mask
 
     def validate(self, source: str = "predictions") -> None:
-        """Raise ValueError naming `source` and the fix when fields disagree or hold bad values."""
+        """Raise PredictionsError (a ValueError) naming `source` when fields disagree or are bad."""
         if self.labels.ndim != 2:
-            raise ValueError(f"{source}: labels must be (N, L), got shape {self.labels.shape}")
+            raise PredictionsError(
+                f"{source}: labels must be (N, L), got shape {self.labels.shape}"
+            )
         n, num_labels = self.labels.shape
         if self.probs.shape != (n, num_labels):
-            raise ValueError(
+            raise PredictionsError(
                 f"{source}: probs shape {self.probs.shape} != labels shape {(n, num_labels)}"
             )
         if len(self.label_names) != num_labels:
-            raise ValueError(
+            raise PredictionsError(
                 f"{source}: {len(self.label_names)} label_names for {num_labels} label columns"
             )
         if len(set(self.label_names)) != num_labels:
-            raise ValueError(f"{source}: label_names repeat a name: {self.label_names}")
+            raise PredictionsError(f"{source}: label_names repeat a name: {self.label_names}")
         if self.ids.shape != (n,):
-            raise ValueError(f"{source}: ids shape {self.ids.shape}, expected ({n},)")
+            raise PredictionsError(f"{source}: ids shape {self.ids.shape}, expected ({n},)")
         if len(np.unique(self.ids)) != n:
-            raise ValueError(f"{source}: ids are not unique; each row must be one image")
+            raise PredictionsError(f"{source}: ids are not unique; each row must be one image")
         if self.mask is not None and self.mask.shape != (n, num_labels):
-            raise ValueError(f"{source}: mask shape {self.mask.shape} != labels shape")
+            raise PredictionsError(f"{source}: mask shape {self.mask.shape} != labels shape")
         if self.patients is not None and self.patients.shape != (n,):
-            raise ValueError(f"{source}: patients shape {self.patients.shape}, expected ({n},)")
+            raise PredictionsError(
+                f"{source}: patients shape {self.patients.shape}, expected ({n},)"
+            )
         known = self.known
         if not np.all(np.isin(self.labels[known], (0.0, 1.0))):
             bad = np.unique(self.labels[known][~np.isin(self.labels[known], (0.0, 1.0))])[:5]
-            raise ValueError(
+            raise PredictionsError(
                 f"{source}: known labels must be 0 or 1, found {bad.tolist()}; binarise them or "
                 "set mask False for unknown entries"
             )
         if not np.all(np.isfinite(self.probs[known])):
-            raise ValueError(f"{source}: probs are NaN or inf where the label is known")
+            raise PredictionsError(f"{source}: probs are NaN or inf where the label is known")
 
 
 def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
@@ -107,12 +117,12 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except ValueError as e:
-        raise ValueError(
+        raise PredictionsError(
             f"{path}: holds object arrays ({e}); store strings as str arrays, not objects"
         ) from e
     missing = [k for k in _REQUIRED if k not in arrays]
     if missing:
-        raise ValueError(
+        raise PredictionsError(
             f"{path}: missing keys {missing}; a predictions file needs {list(_REQUIRED)} "
             f"and may hold {list(_OPTIONAL)}"
         )
@@ -126,4 +136,4 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
             patients=arrays.get("patients"),
         )
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise PredictionsError(f"{path}: {e}") from e

@@ -28,6 +28,7 @@ from cxrjax.models.weights import (
     read_weights,
     unflatten,
 )
+from cxrjax.run_dir import RunDir
 
 FORMATS = ("dinov2", "timm", "hf", "augreg_npz", "cxrjax", "cxrjax_run")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -54,7 +55,7 @@ def detect_format(source: str | Path) -> str:
     if p.is_dir():
         if (p / META_FILE).is_file() and (p / PARAMS_FILE).is_file():
             return "cxrjax"
-        if (p / "run.json").is_file():
+        if RunDir(p).is_run():
             return "cxrjax_run"
         if (p / "config.json").is_file():
             return "hf"
@@ -456,23 +457,25 @@ def convert_cxrjax_run(run_dir: str | Path, which: str = "best") -> Converted:
     import jax
     import orbax.checkpoint as ocp
 
-    d = Path(run_dir).absolute()
-    run = json.loads((d / "run.json").read_text())
+    layout = RunDir(run_dir)
+    d = layout.path.absolute()
+    # The raw facts: conversion needs only variant, labels and size, which every run recorded.
+    run = json.loads((d / RunDir.FACTS).read_text())
 
     def steps_in(sub: Path) -> list[int]:
         return sorted(int(s.name) for s in sub.glob("[0-9]*") if s.is_dir())
 
     # The best-by-validation parameters when the run saved any, else the latest train state.
-    sub = d / "best"
+    sub = layout.best
     if which != "best" or not steps_in(sub):
-        sub = d / "checkpoints"
+        sub = layout.checkpoints
     steps = steps_in(sub)
     if not steps:
         raise CheckpointError(
             f"{d}: no saved step under best/ or checkpoints/; train the run first"
         )
     step_dir = sub / str(steps[-1])
-    item = "params" if sub.name == "best" else "state"
+    item = "params" if sub == layout.best else "state"
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(step_dir / item)
     params = restored if item == "params" else restored["params"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrjax.data.datasets.labels import canonical
 from cxrjax.models.posemb import resample_posemb
 from cxrjax.models.registry import get_spec
 from cxrjax.models.weights import (
@@ -156,7 +157,7 @@ def _head_mismatch(
     if (
         label_names is not None
         and ckpt_labels is not None
-        and list(ckpt_labels) != list(label_names)
+        and [canonical(n) or n for n in ckpt_labels] != [canonical(n) or n for n in label_names]
     ):
         return f"label sets differ: checkpoint {list(ckpt_labels)}, model {list(label_names)}"
     return None

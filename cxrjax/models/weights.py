@@ -18,42 +18,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
+
+from cxrjax.errors import CxrjaxError
 
 FORMAT = "cxrjax-weights/1"
 PARAMS_FILE = "params.safetensors"
 META_FILE = "meta.json"
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(CxrjaxError, FileNotFoundError):
     """Converted weights are absent; the message names the path and the command that makes them."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CxrjaxError, ValueError):
     """A checkpoint exists but cannot be used: truncated, another architecture, a missing key."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dicts -> {'a/b/c': array}."""
-    flat: dict[str, np.ndarray] = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
+# Parameter trees travel flat under "/"-joined paths (``block_3/attn/query/kernel``), the keys
+# of params.safetensors; these two wrappers fix that separator in one place.
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts -> {'a/b/c': leaf}; empty sub-dicts are dropped."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{'a/b/c': array} -> nested dicts."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    """{'a/b/c': leaf} -> nested dicts, the inverse of `flatten`."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def sha256_file(path: str | Path) -> str:

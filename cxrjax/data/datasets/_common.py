@@ -8,21 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrjax.data.datasets.labels import canonical
+from cxrjax.errors import ConfigError, CxrjaxError
+
 UNCERTAIN_POLICIES = ("zeros", "ones", "mask")
-# The seven labels of the study's MIMIC-CXR pretraining; "mimic_shared" subsets keep the
-# labels of a dataset that name the same finding.
-MIMIC_LABELS = (
-    "cardiomegaly",
-    "pleural_effusion",
-    "pneumonia",
-    "atelectasis",
-    "no_finding",
-    "consolidation",
-    "pneumothorax",
-)
 
 
-class MetadataError(ValueError):
+class MetadataError(CxrjaxError, ValueError):
     """A label file that does not have the published layout; names the file and the fix."""
 
 
@@ -59,24 +51,33 @@ def select_labels(
     available: Sequence[str],
     dataset: str,
 ) -> list[str]:
-    """Resolves the label choice: None -> study default, a str -> named subset, else a list."""
+    """Resolves the label choice: None -> study default, a str -> named subset, else a list.
+
+    Names in a list may use any dataset's spelling ("Effusion", "Pleural Effusion"); they resolve
+    to the canonical names in `available`.
+    """
     if labels is None:
         chosen = list(default)
     elif isinstance(labels, str):
         named = {"default": default, "all": available, **subsets}
         if labels not in named:
-            raise ValueError(
-                f"{dataset}: unknown label set {labels!r}; use one of {sorted(named)} "
-                "or an explicit list of label names"
+            raise ConfigError(
+                f"{dataset}: unknown label set {labels!r}",
+                f"use one of {sorted(named)} or an explicit list of label names",
             )
         chosen = list(named[labels])
     else:
-        chosen = list(labels)
-    unknown = [name for name in chosen if name not in available]
+        chosen = [name if name in available else canonical(name) or name for name in labels]
+    # Report unknown names as the user spelt them.
+    given = chosen if labels is None or isinstance(labels, str) else list(labels)
+    unknown = [g for g, name in zip(given, chosen, strict=True) if name not in available]
     if unknown:
-        raise ValueError(f"{dataset}: unknown label(s) {unknown}; available: {list(available)}")
+        raise ConfigError(f"{dataset}: unknown label(s) {unknown}", f"available: {list(available)}")
     if not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(f"{dataset}: label list {chosen} is empty or repeats a name")
+        raise ConfigError(
+            f"{dataset}: label list {chosen} is empty or repeats a name",
+            "name each label once",
+        )
     return chosen
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from cxrjax.data.datasets._common import (
-    MIMIC_LABELS,
     MetadataError,
     as_table_frame,
     read_csv_checked,
     select_labels,
 )
+from cxrjax.data.datasets.labels import subsets_for
 from cxrjax.data.table import RawTable
 
 # Canonical label name -> code in `Finding Labels`.
@@ -23,7 +23,7 @@ CODES = {
     "cardiomegaly": "Cardiomegaly",
     "consolidation": "Consolidation",
     "edema": "Edema",
-    "effusion": "Effusion",
+    "pleural_effusion": "Effusion",
     "emphysema": "Emphysema",
     "fibrosis": "Fibrosis",
     "hernia": "Hernia",
@@ -38,7 +38,7 @@ CODES = {
 # The study's 14 (Infiltration dropped).
 STUDY_LABELS = (
     "cardiomegaly",
-    "effusion",
+    "pleural_effusion",
     "pneumonia",
     "atelectasis",
     "no_finding",
@@ -52,11 +52,7 @@ STUDY_LABELS = (
     "nodule",
     "mass",
 )
-SUBSETS = {
-    "mimic_shared": tuple(
-        "effusion" if name == "pleural_effusion" else name for name in MIMIC_LABELS
-    ),
-}
+SUBSETS = subsets_for(CODES)
 
 
 def _image_paths(raw: Path, names: list[str]) -> list[str]:

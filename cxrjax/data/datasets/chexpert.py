@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from cxrjax.data.datasets._common import (
-    MIMIC_LABELS,
     MetadataError,
     as_table_frame,
     check_uncertain,
@@ -15,6 +14,7 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
+from cxrjax.data.datasets.labels import subsets_for
 from cxrjax.data.table import RawTable
 
 # Canonical label name -> CheXpert-labeler column (shared by MIMIC-CXR-JPG).
@@ -46,7 +46,7 @@ STUDY_LABELS = (
     "lung_lesion",
     "fracture",
 )
-SUBSETS = {"mimic_shared": MIMIC_LABELS}
+SUBSETS = subsets_for(COLUMNS)
 _PATIENT = r"(patient\d+)"
 
 

@@ -3,7 +3,8 @@
 One row per image: `path` (absolute, or relative to the image root), `patient_id`, optional
 `image_id` (default: the path as written) and `split` (train / val / test, blank = assign), and
 label columns. Graded labels (e.g. 0-4 severity) become binary with `grade >= threshold`; blank
-cells are unknown (NaN, masked).
+cells are unknown (NaN, masked). A label column in any dataset's spelling of a known finding
+(`Effusion`) is stored under its canonical name (`pleural_effusion`); other columns keep theirs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.datasets._common import MetadataError, as_table_frame, read_csv_checked
+from cxrjax.data.datasets.labels import canonical
 from cxrjax.data.table import RawTable
 
 RESERVED = ("path", "patient_id", "image_id", "split")
@@ -58,6 +60,31 @@ def _binary_labels(
     return out
 
 
+def _label_columns(requested: list[str], columns: list[str], csv: Path) -> list[str]:
+    """The CSV column of each requested label: the column of that name, else the one naming the
+    same finding (`--labels pleural_effusion` finds column `Effusion`)."""
+    by_finding = {canonical(c): c for c in reversed(columns) if canonical(c)}
+    found = [name if name in columns else by_finding.get(canonical(name)) for name in requested]
+    missing = [name for name, column in zip(requested, found, strict=True) if column is None]
+    if missing:
+        raise MetadataError(
+            f"{csv}: no column for label(s) {missing}; found {columns[:12]}. Pass --labels with "
+            "column names of the file"
+        )
+    return found
+
+
+def _check_distinct(columns: list[str], names: list[str], csv: Path) -> None:
+    first: dict[str, str] = {}
+    for column, name in zip(columns, names, strict=True):
+        if name in first:
+            raise MetadataError(
+                f"{csv}: label columns {first[name]!r} and {column!r} both name {name!r}; pass "
+                "--labels with one of them"
+            )
+        first[name] = column
+
+
 def read_csv(
     raw: Path,
     *,
@@ -69,8 +96,8 @@ def read_csv(
 
     raw: the CSV itself, or a folder holding `labels.csv` (or `csv`). Relative image paths are
       resolved against `raw` when it is a folder, else against the CSV's folder.
-    labels: label columns; None takes every numeric column other than path, patient_id,
-      image_id and split.
+    labels: label columns, by column name or canonical name; None takes every numeric column
+      other than path, patient_id, image_id and split.
     threshold: graded labels become `value >= threshold`; None requires 0/1 values.
     """
     raw = Path(raw).expanduser().resolve()
@@ -84,23 +111,26 @@ def read_csv(
     if not csv_path.is_file():
         raise MetadataError(f"{csv_path}: labels CSV not found; pass --csv or put labels.csv there")
     # Read as text so identifiers keep their leading zeros; labels are parsed explicitly.
-    frame = read_csv_checked(
-        csv_path, ["path", "patient_id", *(labels or [])], dtype=str, keep_default_na=False
-    )
+    frame = read_csv_checked(csv_path, ["path", "patient_id"], dtype=str, keep_default_na=False)
     if frame.empty:
         raise MetadataError(f"{csv_path}: has no rows")
     if labels is None:
         candidates = [c for c in frame.columns if c not in RESERVED]
-        labels = [
+        columns = [
             c
             for c in candidates
             if pd.to_numeric(frame[c].replace("", np.nan), errors="coerce").notna().sum()
             == (frame[c] != "").sum()
             and (frame[c] != "").any()
         ]
-        if not labels:
+        if not columns:
             raise MetadataError(f"{csv_path}: no numeric label column; pass --labels")
-    label_values = _binary_labels(frame.replace("", np.nan), labels, threshold, csv_path)
+    else:
+        columns = _label_columns(labels, list(frame.columns), csv_path)
+    names = [canonical(c) or c for c in columns]
+    _check_distinct(columns, names, csv_path)
+    by_column = _binary_labels(frame.replace("", np.nan), columns, threshold, csv_path)
+    label_values = {name: by_column[c] for c, name in zip(columns, names, strict=True)}
 
     paths = frame["path"].str.strip()
     if (paths == "").any():
@@ -129,4 +159,4 @@ def read_csv(
     if table_frame["image_id"].duplicated().any():
         dup = table_frame["image_id"][table_frame["image_id"].duplicated()].iloc[0]
         raise MetadataError(f"{csv_path}: image {dup!r} is listed twice")
-    return RawTable("csv", list(labels), table_frame)
+    return RawTable("csv", names, table_frame)

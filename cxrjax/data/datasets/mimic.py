@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from cxrjax.data.datasets._common import (
-    MIMIC_LABELS,
     MetadataError,
     as_table_frame,
     check_uncertain,
@@ -18,7 +17,8 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
-from cxrjax.data.datasets.chexpert import COLUMNS
+from cxrjax.data.datasets.chexpert import COLUMNS, SUBSETS
+from cxrjax.data.datasets.labels import MIMIC_LABELS
 from cxrjax.data.table import RawTable
 
 FRONTAL_VIEWS = ("PA", "AP")
@@ -51,7 +51,7 @@ def read_mimic(
     names = select_labels(
         labels,
         default=MIMIC_LABELS,
-        subsets={"mimic_shared": MIMIC_LABELS},
+        subsets=SUBSETS,
         available=tuple(COLUMNS),
         dataset="mimic",
     )

@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.datasets._common import (
-    MIMIC_LABELS,
     MetadataError,
     as_table_frame,
     find_file,
     read_csv_checked,
     select_labels,
 )
+from cxrjax.data.datasets.labels import subsets_for
 from cxrjax.data.table import RawTable
 
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
@@ -39,15 +39,13 @@ TERMS = {
     "congestion": ("hilar congestion",),
     "aortic_elongation": ("aortic elongation",),
     "kyphosis": ("kyphosis",),
-    "COPD_signs": ("COPD signs",),
+    "copd_signs": ("COPD signs",),
     "pleural_thickening": ("pleural thickening",),
     "nodule_mass": ("nodule", "mass"),
-    "infiltrates": ("infiltrates",),
+    "infiltration": ("infiltrates",),
 }
 STUDY_LABELS = tuple(TERMS)
-SUBSETS = {
-    "mimic_shared": MIMIC_LABELS,
-}
+SUBSETS = subsets_for(TERMS)
 
 
 def parse_labels(text: object, *, path: Path, row: int) -> set[str] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
+from cxrjax.data.datasets.labels import canonical, normalise, subsets_for
 from cxrjax.data.table import RawTable
 
 AGGREGATIONS = ("majority", "any")
@@ -33,19 +33,6 @@ STUDY_LABELS = (
     "pulmonary_fibrosis",
     "nodule_mass",
 )
-# The study reports 8 VinDr labels shared with MIMIC-CXR, but only these 7 of its 11 name a
-# MIMIC label; pass an explicit list to add another.
-SUBSETS = {
-    "mimic_shared": (
-        "cardiomegaly",
-        "pleural_effusion",
-        "pneumonia",
-        "atelectasis",
-        "no_finding",
-        "consolidation",
-        "pneumothorax",
-    ),
-}
 KAGGLE_CLASSES = (
     "Aortic enlargement",
     "Atelectasis",
@@ -65,9 +52,10 @@ KAGGLE_CLASSES = (
 )
 
 
-def canonical(name: str) -> str:
-    """'Nodule/Mass' -> 'nodule_mass', 'Pleural effusion' -> 'pleural_effusion'."""
-    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+def _label_name(column: str) -> str:
+    """'Nodule/Mass' -> 'nodule_mass'; a column outside the vocabulary (a later release) is
+    kept in snake case rather than refused."""
+    return canonical(column) or normalise(column)
 
 
 def _aggregate(per_reader: pd.DataFrame, aggregation: str) -> pd.DataFrame:
@@ -106,8 +94,8 @@ def _physionet(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Pa
         os.path.join(raw, split, f"{image_id}.dicom")
         for image_id, split in zip(combined.index, combined["split"], strict=True)
     ]
-    combined.columns = [canonical(c) if c in label_columns else c for c in combined.columns]
-    return combined, [canonical(c) for c in label_columns], train_path
+    combined.columns = [_label_name(c) if c in label_columns else c for c in combined.columns]
+    return combined, [_label_name(c) for c in label_columns], train_path
 
 
 def _kaggle(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Path]:
@@ -122,11 +110,11 @@ def _kaggle(raw: Path, aggregation: str) -> tuple[pd.DataFrame, list[str], Path]
         index=["image_id", "rad_id"], columns="class_name", values="vote", fill_value=0.0
     ).reindex(columns=list(KAGGLE_CLASSES), fill_value=0.0)
     images = _aggregate(per_reader, aggregation)
-    images.columns = [canonical(c) for c in images.columns]
+    images.columns = [_label_name(c) for c in images.columns]
     # The competition's test labels were never published: everything is split downstream.
     images["split"] = ""
     images["path"] = [os.path.join(raw, "train", f"{image_id}.dicom") for image_id in images.index]
-    return images, [canonical(c) for c in KAGGLE_CLASSES], path
+    return images, [_label_name(c) for c in KAGGLE_CLASSES], path
 
 
 def read_vindr(
@@ -158,9 +146,14 @@ def read_vindr(
         default = tuple(n for n in STUDY_LABELS if n in available)
         if labels is None:
             logging.warning("%s: Kaggle VinDr has no pneumonia class; using %s", source, default)
-    subsets = {k: tuple(n for n in v if n in available) for k, v in SUBSETS.items()}
+    # The study reports 8 VinDr labels shared with MIMIC-CXR, but only 7 of its 11 name a MIMIC
+    # label (Kaggle: 6, no pneumonia); pass an explicit list to add another.
     names = select_labels(
-        labels, default=default, subsets=subsets, available=available, dataset="vindr"
+        labels,
+        default=default,
+        subsets=subsets_for(available),
+        available=available,
+        dataset="vindr",
     )
     image_ids = images.index.astype(str)
     table = as_table_frame(

@@ -1,0 +1,102 @@
+"""The console a person reads: progress bars with ETA, one line per event, quiet libraries.
+
+Third-party INFO logging (orbax, absl, jax's backend probing) is hidden unless `verbose`.
+Progress bars are tqdm's: on a terminal they redraw in place; when stderr is not a terminal
+(CI, SLURM logs) the same bar is written as one line every `_PIPE_INTERVAL_S` seconds instead.
+Only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+_PIPE_INTERVAL_S = 10.0
+_QUIET_LOGGERS = ("absl", "orbax", "jax", "jax._src.xla_bridge", "etils", "grain", "tensorflow")
+
+
+def _primary() -> bool:
+    """Process 0 of a multi-host run; True before jax has started a backend.
+
+    Asking jax for the process index would start its backend (and claim GPU memory), which a
+    data-preparation tool must not do just to print a progress bar.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return True
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        return True
+    return jax.process_index() == 0
+
+
+def configure(verbose: bool = False) -> None:
+    """Hides library INFO logging (and jax's "Unable to initialize backend" probes)."""
+    level = logging.INFO if verbose else logging.WARNING
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    absl_logging.set_stderrthreshold("info" if verbose else "warning")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # Backend probing on a machine without a TPU/GPU is expected, not a warning.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="orbax")
+
+
+def say(message: str) -> None:
+    """One line for the person watching (process 0 only), without breaking a progress bar."""
+    if _primary():
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    initial: int = 0,
+    **kwargs: Any,
+) -> Iterator[T] | tqdm:
+    """A tqdm bar (rate and ETA) on process 0; on other processes a silent one."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=not _primary(),
+        mininterval=0.5 if tty else _PIPE_INTERVAL_S,
+        dynamic_ncols=tty,
+        ncols=None if tty else 100,
+        file=sys.stderr if tty else _Lines(sys.stderr),
+        **kwargs,
+    )
+
+
+class _Lines:
+    """A file for tqdm that turns each carriage-return redraw into one whole line (logs)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self._stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()

@@ -1,0 +1,69 @@
+"""The model and the train state from a config: a plain dict pytree on explicit shardings.
+
+State: `step`, `params`, `opt_state` (and `ema` with `config.ema_decay`). The trainer and
+`tools/bench_train.py` build it here, so both measure and train the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cxrjax import optim, sharding
+from cxrjax.models import create_model
+from cxrjax.models.pretrained import load_pretrained
+
+
+def build_model(config: ml_collections.ConfigDict, num_labels: int, image_size: int):
+    m = config.model
+    return create_model(
+        m.variant,
+        num_labels,
+        image_size=image_size,
+        dtype=m.dtype,
+        dropout=m.dropout,
+        drop_path=m.drop_path,
+        remat=m.remat,
+        head_zero_init=m.head_zero_init,
+    )
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    image_size: int,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    total_steps: int,
+    label_names: list[str] | None = None,
+) -> tuple[Any, dict, dict, str | None]:
+    """(optimizer, sharded state, its shardings, the pretrained-weights report or None)."""
+    dummy = jnp.zeros((1, image_size, image_size, 3))
+    abstract_params = jax.eval_shape(lambda r: model.init({"params": r}, dummy)["params"], rng)
+    tx = optim.make_optimizer(config, total_steps, abstract_params)
+
+    def state_from(params):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if config.ema_decay:
+            state["ema"] = params
+        return state
+
+    init = lambda r: state_from(model.init({"params": r}, dummy)["params"])  # noqa: E731
+    shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp=config.fsdp)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    report = None
+    if config.model.init_from:
+        params, load_report = load_pretrained(
+            config.model.init_from,
+            jax.device_get(state["params"]),
+            variant=config.model.variant,
+            image_size=image_size,
+            label_names=label_names,
+        )
+        report = f"pretrained weights from {config.model.init_from}:\n{load_report}"
+        params = jax.device_put(params, shardings["params"])
+        state = jax.jit(state_from, out_shardings=shardings)(params)
+    return tx, state, shardings, report
