@@ -45,7 +45,9 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = dataset
     c.data.dir = f"{data_root()}/{dataset}"
-    c.data.labels = ()  # empty: every label in the shards
+    c.data.labels = ()  # empty: every label in the shards (several sources: their union)
+    # Several prepared folders ("DIR" or "DIR:weight") trained as one mixture; replaces `dir`.
+    c.data.sources = ()
     c.data.train_fraction = 1.0
     c.data.worker_count = 0
 

@@ -58,7 +58,7 @@ def _run(config) -> int:
     logging.info(
         "workdir %s, %d processes, %d devices", workdir, jax.process_count(), jax.device_count()
     )
-    if config.data.get("demo_patients"):
+    if config.data.get("demo_patients") and not config.data.get("sources"):
         from cxrjax.data.demo import ensure_demo_dataset
 
         with config.unlocked():

@@ -11,6 +11,7 @@
       parameters.txt         the parameter overview (one line of it goes to the console)
       results.json           final validation/test summary
       predictions_<split>.npz
+      sources/<name>/        multi-source runs: each source's predictions + config naming it
       RUNNING                lock held by the live training process
 
 Inference (`cxrjax.engine.inference`) needs only `run.json` and a checkpoint: a run directory
@@ -129,6 +130,11 @@ class RunDir:
         """predictions_<split>.npz for the best checkpoint, predictions_<split>_latest.npz else."""
         suffix = "" if checkpoint == "best" else f"_{checkpoint}"
         return (out or self.path) / f"predictions_{split}{suffix}.npz"
+
+    def source(self, name: str) -> RunDir:
+        """sources/<name>/ of a multi-source run: one source's predictions and a config that
+        names it as the dataset (readable by tools/compare.py like a run directory)."""
+        return RunDir(self.path / "sources" / name)
 
     # ------------------------------------------------------------------ reading
     def is_run(self) -> bool:

@@ -33,6 +33,9 @@ _WORKER = textwrap.dedent(
     config = _config({shards!r}, epochs=epochs)
     config.model.dropout = 0.1  # the per-step dropout randomness must agree across hosts too
     config.lr = 1e-4
+    # Constant: a run stopped after epoch 1 of 1 and resumed for 2 then sees the schedule of
+    # an uninterrupted 2-epoch run (warmup-cosine depends on the total step count).
+    config.schedule = "constant"
     config.fsdp = fsdp
     trainer.train_and_evaluate(config, workdir)
     """

@@ -3,9 +3,9 @@
   python tools/bench_train.py --model vit_b16_in21k --batch 256 --steps 50 [--framework torch]
 
 Measures, on every local device:
-- step: cxrjax's train step (the one `cxrjax.train` runs: bf16 compute, float32 AdamW state,
-  donated state) on device-resident synthetic uint8 batches: images/s, ms/step, MFU (model FLOPs
-  with the 3x-forward convention over the device's peak dense bf16 rate), peak device memory;
+- step: cxrjax's train step (the one `cxrjax.engine.trainer` runs: bf16 compute, float32 AdamW
+  state, donated state) on device-resident synthetic uint8 batches: images/s, ms/step, MFU (model
+  FLOPs with the 3x-forward convention over the device's peak dense bf16 rate), peak device memory;
 - loop: the same step fed by the grain pipeline from ArrayRecord shards (written first, random
   pixels at the model's resolution), as a fraction of the step alone;
 - with --framework torch: timm's same architecture with bf16 autocast, torch.compile and fused

@@ -1,5 +1,8 @@
 """Synthetic frontal chest radiograph phantoms, written in the raw formats real datasets ship.
 
+(Longer than ~400 lines on purpose: anatomy, findings and file writers are one generator whose
+parts share the same per-patient parameters; it is demo data, not library code.)
+
 The demo needs a dataset that runs offline, goes through the same path as real data (raw files ->
 decode -> preprocess -> shards -> train) and has findings a model must actually learn. Each phantom
 is drawn with vectorised numpy from a few anatomy parameters (body, lungs, ribs, spine, heart,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cxrjax import checkpoint, sharding
+from cxrjax import checkpoint, console, sharding
 from cxrjax.data import pipeline, shards
 from cxrjax.data.images import ImageReadError, PreprocessOptions, load_radiograph
 from cxrjax.engine import step as steps
@@ -215,7 +215,9 @@ class Predictor:
 
         `label_indices` pick the dataset's label columns, `output_indices` the model outputs
         they are compared with (default: all, in order; external validation passes the labels
-        both share). Multi-host: every process reads its share; all receive the whole split.
+        both share). A label index of -1 marks a label the dataset lacks: it comes back masked
+        (multi-source runs). Multi-host: every process reads its share; all receive the whole
+        split.
         """
         if info.image_size != self.image_size:
             raise ConfigError(
@@ -227,13 +229,16 @@ class Predictor:
             range(len(self.label_names)) if label_indices is None else label_indices
         )
         outputs = list(range(len(self.label_names)) if output_indices is None else output_indices)
+        present = [j for j, column in enumerate(label_indices) if column >= 0]
         rows: dict[str, list] = {
             k: [] for k in ("probs", "labels", "mask", "valid", "id", "patient")
         }
         data = sharding.data_sharding(self.mesh)
-        for batch in pipeline.eval_batches(
-            info, split, batch_size=batch_size, label_indices=label_indices
-        ):
+        batches = pipeline.eval_batches(
+            info, split, batch_size=batch_size, label_indices=[label_indices[j] for j in present]
+        )
+        total = -(-info.splits[split]["num_examples"] // batch_size)
+        for batch in console.progress(batches, total=total, desc=split, unit="batch", leave=False):
             image = jax.make_array_from_process_local_data(data, batch["image"])
             rows["probs"].append(_gather(self._forward(self.params, image)["probs"]))
             for key in ("labels", "mask", "valid"):
@@ -242,12 +247,15 @@ class Predictor:
                 rows[key].append(_gather_strings(batch[key]))
         out = {k: np.concatenate(v) for k, v in rows.items()}
         valid = out["valid"]
+        labels = np.zeros((int(valid.sum()), len(label_indices)), np.float32)
+        mask = np.zeros(labels.shape, bool)
+        labels[:, present], mask[:, present] = out["labels"][valid], out["mask"][valid]
         return Predictions(
-            labels=out["labels"][valid],
+            labels=labels,
             probs=out["probs"][valid][:, outputs],
             label_names=[self.label_names[i] for i in outputs],
             ids=out["id"][valid],
-            mask=out["mask"][valid],
+            mask=mask,
             patients=out["patient"][valid],
         )
 

@@ -23,30 +23,18 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from cxrjax import checkpoint, console, optim, sharding
-from cxrjax.data import pipeline, shards
+from cxrjax.data import pipeline
 from cxrjax.data.images import PreprocessOptions
 from cxrjax.engine import step as steps
+from cxrjax.engine.data import SELECTION_RULE, TrainingData, open_training_data
 from cxrjax.engine.inference import Predictor
 from cxrjax.engine.state import build_model, init_state
 from cxrjax.errors import MissingInputError, NonFiniteError, Preempted
 from cxrjax.evaluation.evaluators import ClassificationEvaluator, format_line, summarize
-from cxrjax.evaluation.predictions import save_predictions
+from cxrjax.evaluation.predictions import Predictions, concatenate, save_predictions
 from cxrjax.metric_writer import MetricWriter
 from cxrjax.models.pretrained import conversion_command
 from cxrjax.run_dir import RunDir, RunFacts
-
-
-def open_dataset(config: ml_collections.ConfigDict) -> shards.DatasetInfo:
-    directory = Path(config.data.dir)
-    try:
-        return shards.load_info(directory)
-    except FileNotFoundError:
-        raise MissingInputError(
-            f"no prepared dataset at {directory} (missing {directory / shards.INFO_FILE})",
-            f"Create it with:\n  python tools/prepare_data.py --dataset {config.data.dataset} "
-            f"--raw /path/to/raw/{config.data.dataset} --out {directory}\n"
-            "or point the config at prepared shards with --config.data.dir=DIR",
-        ) from None
 
 
 def check_pretrained(config: ml_collections.ConfigDict) -> None:
@@ -61,21 +49,19 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def run_facts(
-    config: ml_collections.ConfigDict, info: shards.DatasetInfo, label_names: list[str]
-) -> RunFacts:
+def run_facts(config: ml_collections.ConfigDict, data: TrainingData) -> RunFacts:
     """What the run directory records so that inference never needs the training data."""
     mean, std = steps.input_stats(config.input.normalization, config.model.variant)
     return RunFacts(
         variant=config.model.variant,
-        label_names=tuple(label_names),
-        image_size=info.image_size,
-        preprocessing=dataclasses.asdict(PreprocessOptions(**info.preprocessing)),
+        label_names=tuple(data.label_names),
+        image_size=data.image_size,
+        preprocessing=dataclasses.asdict(PreprocessOptions(**data.preprocessing)),
         normalization=config.input.normalization,
         mean=tuple(map(float, mean)),
         std=tuple(map(float, std)),
         dtype=config.model.dtype,
-        dataset=info.name,
+        dataset=data.name,
         batch_size=config.batch_size,
         ema=bool(config.ema_decay),
     )
@@ -85,25 +71,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains (or resumes) the run in `workdir`, then evaluates its best checkpoint."""
     # ---------------------------------------------------------------- run directory
     run = RunDir(workdir)
-    info = open_dataset(config)
+    data = open_training_data(config)
     check_pretrained(config)
-    label_indices = info.label_indices(config.data.labels)
-    label_names = [info.label_names[i] for i in label_indices]
-    facts = run_facts(config, info, label_names)
+    facts = run_facts(config, data)
     primary = jax.process_index() == 0
     if primary:
         run.create()
         run.check_resumable(facts)
     with run.lock(primary):
-        return _train(config, run, info, label_indices, facts)
+        return _train(config, run, data, facts)
 
 
 def _train(
-    config: ml_collections.ConfigDict,
-    run: RunDir,
-    info: shards.DatasetInfo,
-    label_indices: list[int],
-    facts: RunFacts,
+    config: ml_collections.ConfigDict, run: RunDir, data: TrainingData, facts: RunFacts
 ) -> dict[str, Any]:
     primary = jax.process_index() == 0
     if primary:
@@ -114,25 +94,17 @@ def _train(
     data_sharding = sharding.data_sharding(mesh)
 
     # ---------------------------------------------------------------- data
-    num_train = pipeline.num_train_examples(info, config.data.train_fraction)
-    steps_per_epoch = num_train // config.batch_size
+    steps_per_epoch = data.steps_per_epoch(config)
     total_steps = config.epochs * steps_per_epoch
     augment = pipeline.Augment(config.input.flip_prob, config.input.max_rotation)
-    loader = pipeline.train_loader(
-        info,
-        batch_size=config.batch_size,
-        label_indices=label_indices,
-        seed=config.seed,
-        fraction=config.data.train_fraction,
-        augment=pipeline.Augment(0.0, 0.0) if config.input.augment_on_device else augment,
-        worker_count=config.data.worker_count,
-    )
+    host_augment = pipeline.Augment(0.0, 0.0) if config.input.augment_on_device else augment
+    loader = data.loader(config, host_augment)
 
     # ---------------------------------------------------------------- model and state
-    model = build_model(config, len(label_indices), info.image_size)
+    model = build_model(config, len(data.label_names), data.image_size)
     rng = jax.random.key(config.seed)
     tx, state, state_shardings, report = init_state(
-        config, model, info.image_size, mesh, rng, total_steps, list(facts.label_names)
+        config, model, data.image_size, mesh, rng, total_steps, data.label_names
     )
     if report:
         console.say(report)
@@ -141,7 +113,7 @@ def _train(
 
     # ---------------------------------------------------------------- step
     mean, std = (jnp.asarray(v) for v in (facts.mean, facts.std))
-    pos_weight = jnp.asarray(np.asarray(info.pos_weight, np.float32)[label_indices])
+    pos_weight = jnp.asarray(data.pos_weight())
     if not config.loss.pos_weight:
         pos_weight = jnp.ones_like(pos_weight)
     train_step = jax.jit(
@@ -171,11 +143,7 @@ def _train(
         mesh=mesh,
         source=str(run.path),
     )
-    evaluators = {
-        split: ClassificationEvaluator(info, split, config.eval_batch_size, label_indices)
-        for split in ("val", "test")
-        if info.splits.get(split, {}).get("num_examples")
-    }
+    validation = data.evaluators("val", config.eval_batch_size)
     eval_params = lambda state: state["ema"] if config.ema_decay else state["params"]  # noqa: E731
 
     # ---------------------------------------------------------------- restore
@@ -225,11 +193,15 @@ def _train(
             epoch_end = step % steps_per_epoch == 0 and (
                 (step // steps_per_epoch) % config.eval_every_epochs == 0 or step == total_steps
             )
-            if epoch_end and "val" in evaluators:
-                val = dict(evaluators["val"].run(predictor.with_params(eval_params(state))))
-                writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
-                console.say(f"[epoch {step // steps_per_epoch}] " + _val_line(val))
-                ckpt.save_best(step, eval_params(state), val["mean_auroc"])
+            if epoch_end and validation:
+                score = _validate(
+                    validation,
+                    predictor.with_params(eval_params(state)),
+                    step,
+                    steps_per_epoch,
+                    writer,
+                )
+                ckpt.save_best(step, eval_params(state), score)
             stop = preemption.should_stop(step)
             if epoch_end or step % config.checkpoint_every_steps == 0 or stop:
                 ckpt.save(step, state, iterator_state)
@@ -247,13 +219,27 @@ def _train(
     results: dict[str, Any] = {"label_names": list(facts.label_names), "steps": step}
     abstract_params = checkpoint.abstract(state["params"], state_shardings["params"])
     best = predictor.with_params(ckpt.restore_params("best", abstract_params))
-    for split, evaluator in evaluators.items():
-        preds = evaluator.predictions(best)
-        results[split] = summarize(preds)
+    for split in ("val", "test"):
+        evaluators = data.evaluators(split, config.eval_batch_size)
+        if not evaluators:
+            continue
+        per_source = {name: ev.predictions(best) for name, ev in evaluators.items()}
+        if data.sources is None:
+            preds = per_source[split]
+            results[split] = summarize(preds)
+            if primary:
+                save_predictions(run.predictions(split), preds)
+        else:
+            results[split] = summarize(concatenate(list(per_source.values())))
+            for name, preds in per_source.items():
+                summary = summarize(preds)
+                results.setdefault("sources", {}).setdefault(name, {})[split] = summary
+                console.say(f"best checkpoint, {name}: " + format_line(split, summary))
+                if primary:
+                    _write_source_view(run, config, data, name, split, preds)
+            results["selection"] = SELECTION_RULE
         writer.scalars(step, {f"final_{split}/mean_auroc": results[split]["mean_auroc"]})
         console.say("best checkpoint: " + format_line(split, results[split]))
-        if primary:
-            save_predictions(run.predictions(split), preds)
     results["seconds"] = {
         "train": round(train_seconds, 1),
         "final_evaluation": round(time.time() - started, 1),
@@ -271,9 +257,63 @@ def _train(
     return results
 
 
-def _val_line(values: dict[str, float]) -> str:
+def _validate(
+    evaluators: dict[str, ClassificationEvaluator],
+    predictor: Predictor,
+    step: int,
+    steps_per_epoch: int,
+    writer: MetricWriter,
+) -> float:
+    """Runs the validation evaluators; returns the model-selection score.
+
+    One source: its mean AUROC. Several: the mean over sources of each source's mean AUROC
+    (SELECTION_RULE); each source and the pooled predictions are logged.
+    """
+    epoch = step // steps_per_epoch
+    if len(evaluators) == 1 and "val" in evaluators:
+        values = dict(evaluators["val"].run(predictor))
+        writer.scalars(step, {f"val/{k}": v for k, v in values.items()})
+        console.say(f"[epoch {epoch}] " + _line("val", values))
+        return values["mean_auroc"]
+    scores, pooled = [], []
+    for name, evaluator in evaluators.items():
+        values = dict(evaluator.run(predictor))
+        pooled.append(evaluator.last_predictions)
+        writer.scalars(step, {f"val/{name}/{k}": v for k, v in values.items()})
+        console.say(f"[epoch {epoch}] {name}: " + _line("val", values))
+        scores.append(values["mean_auroc"])
+    summary = summarize(concatenate(pooled))
+    score = float(np.nanmean(scores))
+    writer.scalars(step, {"val/pooled/mean_auroc": summary["mean_auroc"], "val/selection": score})
+    console.say(
+        f"[epoch {epoch}] pooled: " + format_line("val", summary) + f"; selection {score:.4f}"
+    )
+    return score
+
+
+def _line(split: str, values: dict[str, float]) -> str:
     labels = {k[len("auroc/") :]: v for k, v in values.items() if k.startswith("auroc/")}
-    return format_line("val", {"mean_auroc": values["mean_auroc"], "auroc": labels})
+    return format_line(split, {"mean_auroc": values["mean_auroc"], "auroc": labels})
+
+
+def _write_source_view(
+    run: RunDir,
+    config: ml_collections.ConfigDict,
+    data: TrainingData,
+    name: str,
+    split: str,
+    preds: Predictions,
+) -> None:
+    """sources/<name>/: this source's predictions with a config naming it as the dataset, so
+    `tools/compare.py` and `cxrjax.evaluate` read it like a run trained on that source."""
+    view = run.source(name)
+    view.create()
+    save_predictions(view.predictions(split), preds)
+    source_config = ml_collections.ConfigDict(config.to_dict())
+    source_config.experiment = f"{config.experiment} (trained on {data.name})"
+    source_config.data.dataset = name
+    source_config.data.dir = str(data.infos[data.source_names().index(name)].directory)
+    view.write_config(source_config)
 
 
 def _describe_parameters(run: RunDir, params: Any, primary: bool) -> None:

@@ -22,7 +22,20 @@ from cxrjax.evaluation.predictions import Predictions
 
 
 def summarize(preds: Predictions) -> dict[str, Any]:
-    """{"mean_auroc", "auroc": {label: value}, "num_examples"} of one predictions set."""
+    """{"mean_auroc", "auroc": {label: value}, "num_examples"} of one predictions set.
+
+    Labels no example knows (a source of a multi-source run that lacks them) are left out.
+    """
+    known = preds.known.any(axis=0)
+    if not known.all():
+        preds = Predictions(
+            labels=preds.labels[:, known],
+            probs=preds.probs[:, known],
+            label_names=[n for n, k in zip(preds.label_names, known, strict=True) if k],
+            ids=preds.ids,
+            mask=preds.known[:, known],
+            patients=preds.patients,
+        )
     aurocs = auroc_per_label(preds.labels, preds.probs, preds.mask, preds.label_names)
     defined = np.isfinite(aurocs)
     return {

@@ -137,3 +137,23 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         )
     except ValueError as e:
         raise PredictionsError(f"{path}: {e}") from e
+
+
+def concatenate(parts: list[Predictions]) -> Predictions:
+    """Rows of several predictions sets with the same labels (e.g. every source's test split)."""
+    names = parts[0].label_names
+    if any(p.label_names != names for p in parts):
+        raise PredictionsError(
+            f"cannot pool predictions with different labels: {[p.label_names for p in parts]}"
+        )
+    patients = None
+    if all(p.patients is not None for p in parts):
+        patients = np.concatenate([p.patients for p in parts])
+    return Predictions(
+        labels=np.concatenate([p.labels for p in parts]),
+        probs=np.concatenate([p.probs for p in parts]),
+        label_names=names,
+        ids=np.concatenate([p.ids for p in parts]),
+        mask=np.concatenate([p.known for p in parts]),
+        patients=patients,
+    )
