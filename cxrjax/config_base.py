@@ -48,6 +48,8 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     c.data.labels = ()  # empty: every label in the shards (several sources: their union)
     # Several prepared folders ("DIR" or "DIR:weight") trained as one mixture; replaces `dir`.
     c.data.sources = ()
+    # > 0: flip this seeded fraction of training labels, symmetric per label (noise studies).
+    c.data.label_noise = 0.0
     c.data.train_fraction = 1.0
     c.data.worker_count = 0
 

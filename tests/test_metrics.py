@@ -173,3 +173,29 @@ def test_predictions_bad_files_name_the_file(tmp_path):
         load_predictions(path)
     with pytest.raises(ValueError, match="not unique"):
         Predictions(np.zeros((2, 1)), np.zeros((2, 1)), ["a"], ["x", "x"])
+
+
+def _tied_masked(seed: int, n: int = 300, num_labels: int = 4):
+    """Labels, scores rounded to 2 decimals (many ties) and a mask hiding ~15% of entries."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, num_labels)) < np.linspace(0.05, 0.5, num_labels)).astype(float)
+    s = np.round(np.clip(rng.random((n, num_labels)) * 0.8 + 0.25 * y, 0, 1), 2)
+    return y, s, rng.random((n, num_labels)) > 0.15
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auprc_equals_sklearn_average_precision_with_ties_masks_and_weights(seed):
+    y, s, mask = _tied_masked(seed)
+    rng = np.random.default_rng(seed + 10)
+    for j in range(y.shape[1]):
+        yk, sk = y[mask[:, j], j], s[mask[:, j], j]
+        counts = rng.multinomial(yk.size, np.full(yk.size, 1 / yk.size), size=8)
+        got = metrics.weighted_curve_stats(yk, sk, np.c_[np.ones(yk.size, int), counts.T])
+        assert abs(got["auprc"][0] - skm.average_precision_score(yk, sk)) <= 1e-9
+        for r in range(8):
+            idx = np.repeat(np.arange(yk.size), counts[r])
+            ref = skm.average_precision_score(yk[idx], sk[idx])
+            assert abs(got["auprc"][r + 1] - ref) <= 1e-9, (j, r)
+    # A constant score: every case is one threshold, AP = prevalence.
+    const = metrics.weighted_curve_stats(y[:, 3], np.full(len(y), 0.5), np.ones((len(y), 1), int))
+    assert const["auprc"][0] == pytest.approx(y[:, 3].mean(), abs=1e-12)

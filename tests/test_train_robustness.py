@@ -156,7 +156,7 @@ def test_mismatched_checkpoint_and_concurrent_run_are_refused(tiny_shards, tmp_p
         trainer.train_and_evaluate(other, workdir)
 
     (workdir / "RUNNING").write_text(f"{os.uname().nodename}:{os.getpid()}")
-    with pytest.raises(RuntimeError, match="in use by process"):
+    with pytest.raises(RunDirError, match="in use by process"):
         trainer.train_and_evaluate(_config(tiny_shards, epochs=2), workdir)
 
 

@@ -1,7 +1,7 @@
 """Compare runs the way the study did: paired bootstrap AUROC, one-sided p-values, BH correction.
 
   python tools/compare.py W1 W2 ... --out DIR [--bootstrap 1000] [--seed 0] [--by-patient]
-      [--baseline INIT] [--split test]
+      [--baseline INIT] [--split test] [--test bootstrap|delong]
 
 Each Wi is a run directory (holding `predictions_<split>.npz` and `config.json` with
 `experiment`, `init`, `data.dataset`, `data.train_fraction`; top-level `dataset` and
@@ -10,8 +10,11 @@ names it). Runs on the same dataset and training fraction are compared on shared
 every other initialisation is tested against the baseline (default: the first run's) with
 H1 'higher AUROC than the baseline', p = fraction of resamples where its AUROC <= the
 baseline's (`bootstrap.paired_p_values`: NaN for a label without both classes in the shared
-test split). Benjamini-Hochberg runs over all labels and datasets of one comparison (label
-means form their own family). Writes comparison.md, comparison.csv, comparison.json and PNGs.
+test split). `--test delong` puts DeLong's test (`cxrjax.evaluation.delong`, same hypothesis)
+in the p column instead; the CSV carries the other test's p-value too, and the bootstrap
+p-value of AUPRC. Benjamini-Hochberg runs over all labels and datasets of one comparison (label
+means form their own family). Writes comparison.md (AUROC, AUPRC), comparison.csv and
+comparison.json (with Brier and ECE too), ROC and precision-recall curves with bands, PNGs.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ import pandas as pd
 from cxrjax.errors import CxrjaxError
 from cxrjax.evaluate import metrics_path_for
 from cxrjax.evaluation import bootstrap as bs
-from cxrjax.evaluation import report
+from cxrjax.evaluation import delong, report
 from cxrjax.evaluation.predictions import Predictions, load_predictions
 from cxrjax.run_dir import RunDir
 
 MEAN_ROW = "mean (labels)"
+TESTS = ("bootstrap", "delong")
+# Metrics of every run in the table (CSV, JSON); the Markdown table shows the first two.
+TABLE_METRICS = ("auroc", "auprc", "brier", "ece", "ece_mass")
 
 
 @dataclasses.dataclass
@@ -130,8 +136,16 @@ def compare(
     seed: int = 0,
     by_patient: bool = False,
     baseline: str | None = None,
+    test: str = "bootstrap",
 ) -> dict[str, Any]:
-    """Bootstrap every run, test each column against the baseline, correct with BH."""
+    """Bootstrap every run, test each column against the baseline, correct with BH.
+
+    `test` ("bootstrap" or "delong") gives the p-values that are corrected and tabled as `p:c`;
+    the other test's go to `p_<other>:c`, the bootstrap AUPRC test's to `p_auprc:c`.
+    """
+    if test not in TESTS:
+        raise ValueError(f"--test {test!r}: use one of {TESTS}")
+    other = next(t for t in TESTS if t != test)
     _assign_columns(runs)
     columns = list(dict.fromkeys(r.column for r in runs))
     baseline = baseline or runs[0].column
@@ -161,22 +175,33 @@ def compare(
         rows = [{"dataset": key[0], "train_fraction": key[1], "label": n} for n in names]
         mean_row = {"dataset": key[0], "train_fraction": key[1], "label": MEAN_ROW}
         for c, rr in res.items():
-            per = bs.summarize(rr.samples["auroc"])
-            for j, row in enumerate(rows):
-                row[c] = {k: float(per[k][j]) for k in ("mean", "sd", "ci_low", "ci_high")}
-                row[c]["point"] = float(rr.point["auroc"][j])
-            mean = bs.summarize(rr.mean_samples["auroc"][:, None])
-            mean_row[c] = {k: float(mean[k][0]) for k in ("mean", "sd", "ci_low", "ci_high")}
-            mean_row[c]["point"] = rr.mean_point["auroc"]
+            mean_samples, mean_point = rr.mean_samples, rr.mean_point
+            for row in [*rows, mean_row]:
+                row[c] = {}
+            for m in TABLE_METRICS:
+                per = bs.summarize(rr.samples[m])
+                for j, row in enumerate(rows):
+                    row[c][m] = {k: float(per[k][j]) for k in ("mean", "sd", "ci_low", "ci_high")}
+                    row[c][m]["point"] = float(rr.point[m][j])
+                mean = bs.summarize(mean_samples[m][:, None])
+                mean_row[c][m] = {k: float(mean[k][0]) for k in ("mean", "sd", "ci_low", "ci_high")}
+                mean_row[c][m]["point"] = mean_point[m]
         if baseline in res:
             base = res[baseline]
             for c, rr in res.items():
                 if c == baseline:
                     continue
-                p_label, p_mean = bs.paired_p_values(rr, base)
-                for j, row in enumerate(rows):
-                    row[f"p:{c}"] = float(p_label[j])
-                mean_row[f"p:{c}"] = p_mean
+                test_result = delong.delong_test(members[c].preds, members[baseline].preds)
+                found = {
+                    "bootstrap": bs.paired_p_values(rr, base),
+                    "delong": (test_result.p, test_result.mean_p),
+                    "auprc": bs.paired_p_values(rr, base, "auprc"),
+                }
+                for key, name in (("p", test), (f"p_{other}", other), ("p_auprc", "auprc")):
+                    p_label, p_mean = found[name]
+                    for j, row in enumerate(rows):
+                        row[f"{key}:{c}"] = float(p_label[j])
+                    mean_row[f"{key}:{c}"] = float(p_mean)
         entries.extend([*rows, mean_row])
 
     # One BH family per comparison: its label p-values over all datasets; label means apart.
@@ -189,6 +214,7 @@ def compare(
     return {
         "columns": columns,
         "baseline": baseline,
+        "test": test,
         "groups": groups,
         "results": results,
         "counts": counts_by_group,
@@ -216,14 +242,24 @@ def _summary_frame(out: dict[str, Any]) -> pd.DataFrame:
 
 def _header(out: dict[str, Any], n_resamples: int, seed: int, by_patient: bool) -> str:
     unit = "patients" if by_patient else "images"
+    if out["test"] == "delong":
+        p_text = (
+            "one-sided DeLong test (Sun and Xu's algorithm) of H1 'the column's AUROC is higher "
+            f"than the baseline's ({out['baseline']})'"
+        )
+    else:
+        p_text = (
+            "one-sided paired bootstrap, the fraction of shared resamples where the column's "
+            f"AUROC <= the baseline's ({out['baseline']})"
+        )
     return (
         "# AUROC by initialisation\n\n"
-        f"AUROC: mean ± SD over {n_resamples} bootstrap resamples of the test {unit} "
-        f"(seed {seed}). p: one-sided paired bootstrap, the fraction of shared resamples where "
-        f"the column's AUROC <= the baseline's ({out['baseline']}); in brackets corrected by "
-        "Benjamini-Hochberg across all labels and datasets of that comparison (label means "
-        f"corrected as their own family). '< {1 / n_resamples:.3g}': in none of the "
-        f"{n_resamples} resamples.\n\n"
+        f"AUROC and AUPRC: mean ± SD over {n_resamples} bootstrap resamples of the test {unit} "
+        f"(seed {seed}). p: {p_text}; in brackets corrected by Benjamini-Hochberg across all "
+        "labels and datasets of that comparison (label means corrected as their own family). "
+        f"'< {1 / n_resamples:.3g}': in none of the {n_resamples} resamples. comparison.csv "
+        "adds Brier score and ECE, the other test's p-value and the bootstrap p-value of "
+        "AUPRC.\n\n"
     )
 
 
@@ -232,8 +268,14 @@ def write_outputs(
 ) -> list[Path]:
     """Table (Markdown, CSV), JSON and figures; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    other = next(t for t in TESTS if t != out["test"])
     numeric, pretty = report.comparison_rows(
-        out["entries"], out["columns"], out["baseline"], n_resamples
+        out["entries"],
+        out["columns"],
+        out["baseline"],
+        n_resamples,
+        metrics=TABLE_METRICS,
+        extra_p=(f"p_{other}", "p_auprc"),
     )
     written = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.json"]
     numeric.to_csv(written[0], index=False)
@@ -244,6 +286,7 @@ def write_outputs(
     meta = {
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "by_patient": by_patient},
         "baseline": out["baseline"],
+        "test": out["test"],
         "runs": [
             {
                 "source": r.source,
@@ -261,10 +304,13 @@ def write_outputs(
     written[2].write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
 
     for (dataset, fraction), members in out["groups"].items():
-        path = out_dir / f"roc_{_slug(dataset)}_f{fraction:g}.png"
+        path = out_dir / f"roc_{report.slug(dataset)}_f{fraction:g}.png"
         runs = {c: r.preds for c, r in members.items()}
         title = f"{dataset}, {fraction:.0%} of training data, 95% bootstrap bands"
         report.plot_roc_bands(runs, out["counts"][(dataset, fraction)], str(path), title)
+        written.append(path)
+        path = out_dir / f"pr_{report.slug(dataset)}_f{fraction:g}.png"
+        report.plot_pr_bands(runs, out["counts"][(dataset, fraction)], str(path), title)
         written.append(path)
     largest = summary.groupby("dataset")["train_fraction"].transform("max")
     top = summary[summary["train_fraction"] == largest]
@@ -276,10 +322,6 @@ def write_outputs(
     return written
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text) or "dataset"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories or predictions .npz files")
@@ -289,12 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by-patient", action="store_true", help="resample patients")
     parser.add_argument("--baseline", help="column every other is tested against")
     parser.add_argument("--split", default="test", help="split of predictions_<split>.npz")
+    parser.add_argument(
+        "--test", choices=TESTS, default="bootstrap", help="test in the p column (bootstrap)"
+    )
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         parser.error("--bootstrap must be >= 1 for paired tests")
     try:
         runs = [load_run(p, args.split) for p in args.runs]
-        out = compare(runs, args.bootstrap, args.seed, args.by_patient, args.baseline)
+        out = compare(runs, args.bootstrap, args.seed, args.by_patient, args.baseline, args.test)
         written = write_outputs(out, Path(args.out), args.bootstrap, args.seed, args.by_patient)
     except (CxrjaxError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ __all__ = [
     "augment_images",
     "example_uniforms",
     "eval_batches",
+    "flip_labels",
     "local_batch_size",
     "num_train_examples",
     "prefetch_to_device",
@@ -84,6 +85,29 @@ def example_uniforms(seed: int, epoch: int, records: np.ndarray) -> np.ndarray:
         columns = np.arange(1, NUM_UNIFORMS + 1, dtype=np.uint64) * _GOLDEN
         bits = _mix(rows[:, None] + columns)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# Separates the label-noise hash stream from the augmentation draws of the same seed.
+_NOISE_DOMAIN = np.uint64(0x6C6162656C6E6F69)
+
+
+def flip_labels(labels: np.ndarray, records: np.ndarray, seed: int, p: float) -> np.ndarray:
+    """Symmetric label noise: each known entry of (b, L) `labels` flips 0 <-> 1 with probability p.
+
+    Whether entry (record, label) flips is a hash of (seed, record index, label column) alone, so
+    it is the same in every epoch, on every process count and at every batch position; NaN
+    (masked) entries stay NaN. `labels` holds every label column of the shards, so choosing a
+    subset of labels to train on does not change which entries of a label flip.
+    """
+    if p <= 0:
+        return labels
+    with np.errstate(over="ignore"):
+        key = _mix(_mix(np.uint64(seed) + _GOLDEN) ^ _NOISE_DOMAIN)
+        rows = _mix(key ^ (np.asarray(records, np.uint64) * _GOLDEN))
+        columns = np.arange(1, labels.shape[1] + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix(rows[:, None] + columns)
+    flip = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53 < p
+    return np.where(flip & ~np.isnan(labels), 1 - labels, labels).astype(labels.dtype)
 
 
 def augment_images(images: Sequence[np.ndarray], u: np.ndarray, augment: Augment) -> np.ndarray:
@@ -179,6 +203,7 @@ class _LocalBatch:
         label_indices: Sequence[int],
         seed: int,
         augment: Augment,
+        label_noise: float = 0.0,
     ):
         self._source = source
         self._files = files
@@ -191,15 +216,20 @@ class _LocalBatch:
         self._select = _SelectLabels(label_indices)
         self._seed = seed
         self._augment = augment
+        self._label_noise = label_noise
 
     @property
-    def fingerprint(self) -> dict[str, int]:
+    def fingerprint(self) -> dict[str, float]:
         """What a saved position is only valid for."""
-        return {
+        out = {
             "seed": self._seed,
             "batch_size": self._batch_size,
             "num_examples": self._num_examples,
         }
+        # Only when set: states saved before label noise existed stay valid for noise-free runs.
+        if self._label_noise:
+            out["label_noise"] = self._label_noise
+        return out
 
     def records(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, record indices of this process's rows of global batch `step`)."""
@@ -214,7 +244,8 @@ class _LocalBatch:
         # read (a thread pool per call) measured 2x slower per record on a pinned CPU.
         raw = [self._source[r] for r in records.tolist()]
         examples = _decode(raw, self._files)
-        labels, mask = self._select(np.stack([e["labels"] for e in examples]))
+        labels = np.stack([e["labels"] for e in examples])
+        labels, mask = self._select(flip_labels(labels, records, self._seed, self._label_noise))
         images = [e["image"] for e in examples]
         if self._augment.active:
             u = example_uniforms(self._seed, epoch, records)
@@ -301,15 +332,22 @@ def train_loader(
     augment: Augment = STUDY_AUGMENT,
     worker_count: int = 0,
     threads: int | None = None,
+    label_noise: float = 0.0,
 ) -> TrainLoader:
     """An endless, shuffled, augmented stream of this process's rows of each global batch.
 
     Batches: image uint8 (b, H, W), labels float32 and mask bool (b, L), index int32 (b,) (the
     records' positions in the training split), with b = batch_size / process count.
 
+    `label_noise` p in [0, 1): every known training label entry is flipped with probability p,
+    fixed per (seed, record, label) by `flip_labels` (the study authors' symmetric noise).
+    Evaluation batches (`eval_batches`) never carry noise.
+
     `threads` (default: the CPUs this process may use, at most 8) build batches in parallel;
     `worker_count` > 0 adds that many grain worker processes, each with its own threads.
     """
+    if not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise {label_noise} must lie in [0, 1)")
     source, indices = _open(info, "train", fraction)
     n = len(source) if indices is None else len(indices)
     if n < batch_size:
@@ -322,6 +360,7 @@ def train_loader(
         label_indices=label_indices,
         seed=seed,
         augment=augment,
+        label_noise=label_noise,
     )
     if threads is None:
         threads = min(8, len(os.sched_getaffinity(0)))

@@ -1,5 +1,8 @@
 """Raw table -> preprocessed, leak-free ArrayRecord shards (the one path every dataset takes).
 
+(Longer than ~400 lines on purpose: planning, resuming, verifying and writing shards share one
+progress record, and splitting them would spread its invariants over several modules.)
+
 `prepare_dataset` hashes identifiers, assigns patient-level splits, checks leakage, decodes and
 preprocesses every image in worker processes, writes shards and `dataset_info.json`. An image that
 fails to decode is reported (by path on the console, by hashed id in `skipped.json`) and skipped;
@@ -15,6 +18,8 @@ written on its own. Besides the shards, the output folder holds:
 - `progress.salt`: the salt (owner-only) while the preparation is unfinished, so a rerun hashes
   identifiers the same way; deleted on completion, as the salt must not travel with the shards.
 - `<shard>.partial`: the shard being written, renamed to its own name once complete.
+- `attributes.json`: only for tables with attribute columns (sex, age band, view): per split,
+  salted image hash -> the attributes known for that image, for subgroup evaluation.
 - `dataset_info.json`: written last; its presence means the dataset is complete.
 
 A rerun with the same settings verifies the finished shards (size, SHA-256, record count), writes
@@ -45,7 +50,7 @@ from tqdm import tqdm
 
 from cxrjax.data import shards, splits
 from cxrjax.data.images import ImageReadError, PreprocessOptions, load_radiograph
-from cxrjax.data.table import RawTable
+from cxrjax.data.table import ATTRIBUTES_FILE, RawTable
 from cxrjax.errors import ConfigError, CxrjaxError
 
 SPLITS = ("train", "val", "test")
@@ -89,8 +94,11 @@ def _decoded(paths: Sequence[str], options: PreprocessOptions, workers: int) -> 
         yield from pool.map(_load_one, jobs, chunksize=16)
 
 
-def split_counts(frame: pd.DataFrame, label_names: list[str]) -> dict[str, dict]:
-    """Per split: images, patients, and per label positives and masked entries."""
+def split_counts(
+    frame: pd.DataFrame, label_names: list[str], attribute_names: Sequence[str] = ()
+) -> dict[str, dict]:
+    """Per split: images, patients, per label positives and masked entries, and per attribute
+    the images of each value ("" counted as "unknown")."""
     out = {}
     for split in SPLITS:
         rows = frame[frame["split"] == split]
@@ -101,6 +109,14 @@ def split_counts(frame: pd.DataFrame, label_names: list[str]) -> dict[str, dict]
             "positives": dict(zip(label_names, np.sum(labels == 1, 0).tolist(), strict=True)),
             "masked": dict(zip(label_names, np.isnan(labels).sum(0).tolist(), strict=True)),
         }
+        if attribute_names:
+            out[split]["attributes"] = {
+                name: {
+                    value or "unknown": int(count)
+                    for value, count in sorted(rows[name].value_counts().items())
+                }
+                for name in attribute_names
+            }
     return out
 
 
@@ -159,7 +175,7 @@ def prepare_dataset(
         summary = {
             "dataset": table.name,
             "label_names": table.label_names,
-            "splits": split_counts(frame, table.label_names),
+            "splits": split_counts(frame, table.label_names, table.attribute_names),
         }
         shards.write_atomic(out_dir / SUMMARY_FILE, _json(summary))
         return summary
@@ -462,10 +478,11 @@ def _kept(plan: list[_Shard], progress: dict) -> dict[str, list[int]]:
 
 def _summary(table: RawTable, frame: pd.DataFrame, plan: list[_Shard], progress: dict) -> dict:
     kept = _kept(plan, progress)
+    rows = frame.loc[[r for s in SPLITS for r in kept[s]]]
     return {
         "dataset": table.name,
         "label_names": table.label_names,
-        "splits": split_counts(frame.loc[[r for s in SPLITS for r in kept[s]]], table.label_names),
+        "splits": split_counts(rows, table.label_names, table.attribute_names),
         "skipped": sum(len(progress["shards"][s.name]["skipped"]) for s in plan),
     }
 
@@ -511,8 +528,28 @@ def _write_outputs(
         for entry in progress["shards"][shard.name]["skipped"]
     ]
     shards.write_atomic(out_dir / SKIPPED_FILE, _json(skipped))
+    if table.attribute_names:
+        shards.write_atomic(out_dir / ATTRIBUTES_FILE, _json(_attributes(frame, kept, table)))
     shards.write_atomic(out_dir / SUMMARY_FILE, _json(summary))
     shards.write_atomic(out_dir / shards.INFO_FILE, _json(info))
+
+
+def _attributes(frame: pd.DataFrame, kept: dict[str, list[int]], table: RawTable) -> dict:
+    """The attributes.json content: per split, image hash -> its known (non-empty) attributes."""
+    names = table.attribute_names
+    hashes = frame["image_hash"].tolist()
+    # Plain lists: .at per cell costs seconds over a few hundred thousand images.
+    columns = {n: frame[n].tolist() for n in names}
+    return {
+        "format": 1,
+        "attributes": names,
+        "splits": {
+            split: {
+                hashes[r]: {n: columns[n][r] for n in names if columns[n][r]} for r in kept[split]
+            }
+            for split in SPLITS
+        },
+    }
 
 
 def _strip(message: str, path: str) -> str:

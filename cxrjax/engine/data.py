@@ -19,9 +19,7 @@ from cxrjax.data import mixture, pipeline, shards
 from cxrjax.errors import ConfigError, MissingInputError
 from cxrjax.evaluation.evaluators import ClassificationEvaluator
 
-SELECTION_RULE = (
-    "mean over sources of each source's validation mean AUROC over the labels it knows"
-)
+SELECTION_RULE = "mean over sources of each source's validation mean AUROC over the labels it knows"
 
 
 def open_prepared(directory: str | Path, dataset: str = "DATASET") -> shards.DatasetInfo:
@@ -87,6 +85,7 @@ class TrainingData:
                 fraction=config.data.train_fraction,
                 augment=augment,
                 worker_count=config.data.worker_count,
+                label_noise=config.data.get("label_noise", 0.0),
             )
         return mixture.mixture_loader(
             self.sources,
@@ -120,6 +119,11 @@ def open_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             "config.data.train_fraction < 1 with config.data.sources",
             "Label-efficiency subsets apply to one dataset; set data.dir instead of sources, "
             "or train_fraction=1.0.",
+        )
+    if config.data.get("label_noise", 0.0):
+        raise ConfigError(
+            "config.data.label_noise with config.data.sources",
+            "Label-noise experiments use one dataset; set data.dir instead of sources.",
         )
     parsed = mixture.parse_sources(specs)
     infos = [open_prepared(directory) for directory, _ in parsed]

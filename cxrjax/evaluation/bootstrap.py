@@ -1,9 +1,12 @@
 """Bootstrap confidence for every metric, paired tests between models, Benjamini-Hochberg.
 
 A resample is a vector of multinomial counts over the cases (how often each case was drawn),
-so all resamples of one label are evaluated at once by `metrics.weighted_curve_stats` after a
-single sort; no per-resample Python loop. Drawing by patient draws patients with replacement and
-gives each image its patient's count, so correlated images of one patient move together.
+so all resamples of one label are evaluated at once by the weighted kernels
+(`metrics.weighted_curve_stats`: AUROC, AUPRC, the study's Youden point;
+`calibration.weighted_calibration_stats`: Brier, ECE; `operating_points.weighted_fixed_stats`:
+thresholds fixed on validation) after a single sort; no per-resample Python loop. Drawing by
+patient draws patients with replacement and gives each image its patient's count, so correlated
+images of one patient move together.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from cxrjax import console
 from cxrjax.errors import ConfigError
-from cxrjax.evaluation import metrics
+from cxrjax.evaluation import calibration, metrics, operating_points
 from cxrjax.evaluation.predictions import Predictions
 
 # Cap on resamples x cases evaluated at once: keeps the (R, n) work arrays in cache-friendly
@@ -48,31 +52,46 @@ def resample_counts(
     return counts if inverse is None else counts[:, inverse]
 
 
+def metric_names(fixed_thresholds: bool = False) -> tuple[str, ...]:
+    """Names of the metrics `resampled_metrics` returns, in report order."""
+    names = (*metrics.ALL_METRICS, *calibration.CALIBRATION_METRICS)
+    return (*names, *operating_points.FIXED_METRICS) if fixed_thresholds else names
+
+
 def resampled_metrics(
     labels: np.ndarray,
     scores: np.ndarray,
     counts: np.ndarray,
     mask: np.ndarray | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every metric in metrics.ALL_METRICS as an (R, L) array, one row per row of `counts`.
+    """Every metric in `metric_names` as an (R, L) array, one row per row of `counts`.
 
     Masked entries (mask False) are left out per label; a resample with one class left in a
-    label gives NaN there.
+    label gives NaN there. `thresholds` (L,), fixed per label (chosen on validation), add the
+    `operating_points.FIXED_METRICS` at them.
     """
     labels, scores, mask = metrics.check_2d(labels, scores, mask)
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != labels.shape[0]:
         raise ValueError(f"counts shape {counts.shape} does not match {labels.shape[0]} cases")
     n_res, num_labels = counts.shape[0], labels.shape[1]
-    out = {k: np.empty((n_res, num_labels)) for k in metrics.ALL_METRICS}
+    if thresholds is not None and np.shape(thresholds) != (num_labels,):
+        raise ValueError(f"thresholds shape {np.shape(thresholds)}, expected ({num_labels},)")
+    out = {k: np.empty((n_res, num_labels)) for k in metric_names(thresholds is not None)}
     step = max(1, _CHUNK_ELEMENTS // max(1, labels.shape[0]))
-    for lo in range(0, n_res, step):
+    starts = range(0, n_res, step)
+    for lo in console.progress(starts, desc="bootstrap", unit="chunk", leave=False):
         # Case-major so that selecting a label's known cases copies contiguous rows.
         chunk = np.ascontiguousarray(counts[lo : lo + step].T)
         for j in range(num_labels):
             known = mask[:, j]
             w = chunk if known.all() else chunk[known]
-            stats = metrics.weighted_curve_stats(labels[known, j], scores[known, j], w)
+            y, s = labels[known, j], scores[known, j]
+            stats = metrics.weighted_curve_stats(y, s, w)
+            stats.update(calibration.weighted_calibration_stats(y, s, w))
+            if thresholds is not None:
+                stats.update(operating_points.weighted_fixed_stats(y, s, w, thresholds[j]))
             for k, v in stats.items():
                 out[k][lo : lo + step, j] = v
     return out
@@ -108,6 +127,10 @@ def label_mean(per_label: np.ndarray, include: np.ndarray) -> np.ndarray:
         return np.where(valid, sub, 0.0).sum(axis=-1) / valid.sum(axis=-1)
 
 
+# Metrics that are thresholds (on a label's own score scale), never averaged over labels.
+THRESHOLD_METRICS = ("threshold", "fixed_threshold")
+
+
 @dataclasses.dataclass
 class BootstrapResult:
     """Point estimates and bootstrap samples of every metric for one predictions set.
@@ -115,7 +138,8 @@ class BootstrapResult:
     `point[m]` is (L,), `samples[m]` is (R, L). The label mean covers `included` labels (those
     with both classes in the full split); `mean_point[m]` and `mean_samples[m]` hold it.
     `included` depends on the ground truth alone (probabilities are finite wherever a label is
-    known), so paired predictions share it.
+    known), so paired predictions share it. `thresholds` (L,) are the fixed operating points
+    (chosen on validation) behind the `fixed_*` metrics, or None.
     """
 
     label_names: list[str]
@@ -125,6 +149,7 @@ class BootstrapResult:
     n_resamples: int
     seed: int
     by_patient: bool
+    thresholds: np.ndarray | None = None
 
     @property
     def mean_point(self) -> dict[str, float]:
@@ -137,12 +162,8 @@ class BootstrapResult:
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON summary: per label and label mean, point estimate and bootstrap stats."""
 
-        def stats(point: float, samples: np.ndarray) -> dict[str, Any]:
-            s = summarize(samples[:, None])
-            return {"point": _num(point), **{k: _num(v[0]) for k, v in s.items()}}
-
         per_label = {
-            name: {m: stats(self.point[m][j], self.samples[m][:, j]) for m in self.point}
+            name: {m: summary_json(self.point[m][j], self.samples[m][:, j]) for m in self.point}
             for j, name in enumerate(self.label_names)
         }
         mean_point, mean_samples = self.mean_point, self.mean_samples
@@ -159,13 +180,21 @@ class BootstrapResult:
             ],
             # Thresholds live on each label's own score scale: their mean means nothing.
             "mean": {
-                m: stats(mean_point[m], mean_samples[m]) for m in mean_point if m != "threshold"
+                m: summary_json(mean_point[m], mean_samples[m])
+                for m in mean_point
+                if m not in THRESHOLD_METRICS
             },
             "per_label": per_label,
         }
 
 
-def _num(x: float) -> float | int | None:
+def summary_json(point: float, samples: np.ndarray) -> dict[str, Any]:
+    """{"point", "mean", "sd", "ci_low", "ci_high", "n_valid"} of one metric, JSON-ready."""
+    s = summarize(np.asarray(samples)[:, None])
+    return {"point": json_number(point), **{k: json_number(v[0]) for k, v in s.items()}}
+
+
+def json_number(x: float) -> float | int | None:
     """JSON has no NaN or inf: write null (a null threshold with a point metrics row means
     +inf, nothing called positive)."""
     if isinstance(x, np.integer):
@@ -190,20 +219,26 @@ def bootstrap(
     seed: int = 0,
     by_patient: bool = False,
     counts: np.ndarray | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> BootstrapResult:
     """Point estimates and `n_resamples` seeded bootstrap resamples of every metric.
 
     `counts` (R, N), when given, are the resamples to use instead of drawing them (so several
     models can share them); `n_resamples`, `seed` and `by_patient` then only label the result.
+    `thresholds` (L,): fixed operating points (see `operating_points`), adding `fixed_*` metrics.
     """
-    point = metrics.metrics_per_label(preds.labels, preds.probs, preds.mask, preds.label_names)
+    metrics.warn_single_class(preds.labels, preds.known, preds.label_names)
+    # The point estimate is the resample that draws every case once: one code path for both.
+    ones = np.ones((1, len(preds.ids)), np.int32)
+    point = resampled_metrics(preds.labels, preds.probs, ones, preds.mask, thresholds)
+    point = {k: v[0] for k, v in point.items()}
     if counts is None:
         counts = draw_counts(preds, n_resamples, seed, by_patient)
     elif counts.shape != (n_resamples, len(preds.ids)):
         raise ConfigError(
             f"counts shape {counts.shape}, expected ({n_resamples}, {len(preds.ids)})"
         )
-    samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask)
+    samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask, thresholds)
     return BootstrapResult(
         label_names=preds.label_names,
         point=point,
@@ -212,6 +247,7 @@ def bootstrap(
         n_resamples=n_resamples,
         seed=seed,
         by_patient=by_patient,
+        thresholds=None if thresholds is None else np.asarray(thresholds, np.float64),
     )
 
 
@@ -252,8 +288,12 @@ def p_value(auc_a: np.ndarray, auc_b: np.ndarray) -> np.ndarray:
         return ((auc_a <= auc_b) & valid).sum(axis=0) / valid.sum(axis=0)
 
 
-def paired_p_values(res_a: BootstrapResult, res_b: BootstrapResult) -> tuple[np.ndarray, float]:
+def paired_p_values(
+    res_a: BootstrapResult, res_b: BootstrapResult, metric: str = "auroc"
+) -> tuple[np.ndarray, float]:
     """(p_label (L,), p_mean) of H1 'A has the higher AUROC' on shared bootstrap resamples.
+
+    `metric` names another higher-is-better metric to test the same way (e.g. "auprc").
 
     `res_a` and `res_b` must come from `bootstrap` of paired predictions (`check_paired`) with
     the same `counts`. p_label[j] is the fraction of resamples where A's AUROC <= B's, among
@@ -270,9 +310,9 @@ def paired_p_values(res_a: BootstrapResult, res_b: BootstrapResult) -> tuple[np.
             "paired p-values need both results bootstrapped on the same resamples of the same "
             "split; bootstrap paired predictions with shared counts"
         )
-    p_label = p_value(res_a.samples["auroc"], res_b.samples["auroc"])
+    p_label = p_value(res_a.samples[metric], res_b.samples[metric])
     p_label[~res_a.included] = np.nan
-    p_mean = float(p_value(res_a.mean_samples["auroc"], res_b.mean_samples["auroc"]))
+    p_mean = float(p_value(res_a.mean_samples[metric], res_b.mean_samples[metric]))
     return p_label, p_mean
 
 

@@ -1,12 +1,15 @@
-"""Per-label classification metrics: AUROC and the study's metrics at the Youden-J threshold.
+"""Per-label classification metrics: AUROC, AUPRC and the study's metrics at the Youden-J threshold.
 
 Everything here reduces to one kernel, `weighted_curve_stats`, which sorts a label's scores once
-and evaluates AUROC and the Youden operating point for any number of case-weight vectors at once.
+and evaluates AUROC, AUPRC and the Youden operating point for any number of case-weight vectors
+at once.
 A point estimate is the kernel with all weights 1; a bootstrap resample is the kernel with the
 resample's multinomial counts as weights, so both share one code path and one set of tests.
 
 Conventions (those of `sklearn.metrics.roc_curve` / `roc_auc_score`):
 - AUROC counts a positive-negative tie as 1/2 (midranks).
+- AUPRC is average precision, `sklearn.metrics.average_precision_score`: the sum over distinct
+  thresholds of (recall step) x precision, tied scores forming one threshold.
 - A case is predicted positive when its score is >= the threshold.
 - The Youden threshold is the distinct score maximising sensitivity + specificity - 1; among
   equal maxima the highest threshold wins (sklearn's `argmax` over decreasing thresholds). J is
@@ -23,7 +26,7 @@ import numpy as np
 
 # Metrics reported at the Youden-J operating point, in report order.
 YOUDEN_METRICS = ("threshold", "accuracy", "sensitivity", "specificity", "precision", "f1")
-ALL_METRICS = ("auroc", *YOUDEN_METRICS)
+ALL_METRICS = ("auroc", "auprc", *YOUDEN_METRICS)
 
 
 def _as_binary(labels: np.ndarray) -> np.ndarray:
@@ -53,7 +56,7 @@ def _cumsum_rows(a: np.ndarray, out: np.ndarray) -> np.ndarray:
 def weighted_curve_stats(
     labels: np.ndarray, scores: np.ndarray, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """AUROC and Youden-point metrics of one label under R case-weight vectors.
+    """AUROC, AUPRC and Youden-point metrics of one label under R case-weight vectors.
 
     Args:
       labels: (n,) 0/1 labels, no missing entries.
@@ -114,6 +117,12 @@ def weighted_curve_stats(
     ends = np.r_[np.flatnonzero(s_pos[1:] != s_pos[:-1]), s_pos.size - 1]
     if ends.size < s_pos.size:
         tp, below = tp[ends], below[ends]
+    # Average precision: recall only moves at positive scores, so summing (TP step) x precision
+    # over these candidates is sklearn's sum over every distinct threshold.
+    tp_f = tp.astype(np.float64)
+    precision = tp_f / np.maximum(tp_f + (n_neg - below), 1)
+    tp_f[1:] -= tp[:-1]
+    ap_sum = (tp_f * precision).sum(axis=0)
     # J * n_pos * n_neg = tp * n_neg - (n_neg - below) * n_pos; drop the constant
     # -n_neg * n_pos. Integers below 2**53 keep float64 exact; the first maximum is the
     # highest threshold, as sklearn's argmax over decreasing thresholds.
@@ -131,6 +140,7 @@ def weighted_curve_stats(
     with np.errstate(invalid="ignore", divide="ignore"):
         out = {
             "auroc": wins2 / (2 * n_pos * n_neg),
+            "auprc": ap_sum / n_pos,
             "threshold": threshold,
             "accuracy": (tp0 + tn0) / (n_pos + n_neg),
             "sensitivity": tp0 / n_pos,
@@ -174,7 +184,8 @@ def check_2d(
     return labels, scores, mask
 
 
-def _warn_single_class(labels: np.ndarray, mask: np.ndarray, names: list[str] | None) -> None:
+def warn_single_class(labels: np.ndarray, mask: np.ndarray, names: list[str] | None) -> None:
+    """A RuntimeWarning per label whose evaluated cases hold a single class (its metrics NaN)."""
     for j in range(labels.shape[1]):
         known = labels[mask[:, j], j]
         if known.size == 0 or known.min() == known.max():
@@ -197,7 +208,7 @@ def auroc_per_label(
     A label with a single class among its evaluated cases gives NaN and a RuntimeWarning.
     """
     labels, scores, mask = check_2d(labels, scores, mask)
-    _warn_single_class(labels, mask, label_names)
+    warn_single_class(labels, mask, label_names)
     return np.array(
         [
             auroc(labels[mask[:, j], j], scores[mask[:, j], j]) if mask[:, j].any() else np.nan
@@ -214,7 +225,7 @@ def metrics_per_label(
 ) -> dict[str, np.ndarray]:
     """Every metric in ALL_METRICS as an (L,) array, Youden threshold chosen per label."""
     labels, scores, mask = check_2d(labels, scores, mask)
-    _warn_single_class(labels, mask, label_names)
+    warn_single_class(labels, mask, label_names)
     out = {k: np.full(labels.shape[1], np.nan) for k in ALL_METRICS}
     for j in range(labels.shape[1]):
         known = mask[:, j]

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.datasets.labels import canonical
+from cxrjax.data.table import age_band
 from cxrjax.errors import ConfigError, CxrjaxError
 
 UNCERTAIN_POLICIES = ("zeros", "ones", "mask")
@@ -105,14 +106,28 @@ def chexpert_coding(values: pd.Series, uncertain: str, *, path: Path, column: st
     return out
 
 
+def coded(values: pd.Series, codes: Mapping[str, str]) -> list[str]:
+    """A metadata column mapped through `codes` (e.g. {"M": "male"}); other values -> ""."""
+    return [codes.get(v, "") if isinstance(v, str) else "" for v in values]
+
+
+def age_bands(values: pd.Series) -> list[str]:
+    """Ages in years (numbers or numeric text) -> RawTable age bands, "" where unusable."""
+    return [age_band(a) for a in pd.to_numeric(values, errors="coerce").to_numpy(np.float64)]
+
+
 def as_table_frame(
     image_id: Iterable[str],
     path: Iterable[str],
     patient_id: Iterable[str],
     split: Iterable[str],
     labels: Mapping[str, np.ndarray],
+    attributes: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
-    """Assembles the RawTable frame with the column order every reader uses."""
+    """Assembles the RawTable frame with the column order every reader uses.
+
+    `attributes`: optional sex / age_band / view columns (see `cxrjax.data.table`).
+    """
     frame = pd.DataFrame(
         {
             "image_id": pd.Series(list(image_id), dtype=str),
@@ -123,4 +138,6 @@ def as_table_frame(
     )
     for name, column in labels.items():
         frame[name] = np.asarray(column, dtype=np.float32)
+    for name, column in (attributes or {}).items():
+        frame[name] = pd.Series(list(column), dtype=str)
     return frame

@@ -10,7 +10,9 @@ import numpy as np
 
 from cxrjax.data.datasets._common import (
     MetadataError,
+    age_bands,
     as_table_frame,
+    coded,
     read_csv_checked,
     select_labels,
 )
@@ -53,6 +55,8 @@ STUDY_LABELS = (
     "mass",
 )
 SUBSETS = subsets_for(CODES)
+SEXES = {"F": "female", "M": "male"}
+VIEWS = {"AP": "AP", "PA": "PA"}
 
 
 def _image_paths(raw: Path, names: list[str]) -> list[str]:
@@ -85,6 +89,8 @@ def read_chestxray14(
     Official split from `train_val_list.txt` / `test_list.txt` when both are present; without
     them every image gets split "" (a seeded patient-level split is made downstream).
     `uncertain` is accepted for a uniform reader signature; NIH labels have no uncertain code.
+    Sex, age band and view come from `Patient Gender`, `Patient Age` and `View Position` when
+    the file has them.
     """
     del uncertain
     raw_dir = Path(raw_dir).expanduser().resolve()
@@ -123,7 +129,19 @@ def read_chestxray14(
         logging.warning("%s: no train_val_list.txt/test_list.txt; splitting by patient", raw_dir)
         split = [""] * len(frame)
     image_names = frame["Image Index"].tolist()
+    attributes = {}
+    if "Patient Gender" in frame:
+        attributes["sex"] = coded(frame["Patient Gender"], SEXES)
+    if "Patient Age" in frame:
+        attributes["age_band"] = age_bands(frame["Patient Age"])
+    if "View Position" in frame:
+        attributes["view"] = coded(frame["View Position"], VIEWS)
     table = as_table_frame(
-        image_names, _image_paths(raw_dir, image_names), frame["Patient ID"], split, values
+        image_names,
+        _image_paths(raw_dir, image_names),
+        frame["Patient ID"],
+        split,
+        values,
+        attributes,
     )
     return RawTable("chestxray14", names, table)

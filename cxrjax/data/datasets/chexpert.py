@@ -7,9 +7,11 @@ from pathlib import Path
 
 from cxrjax.data.datasets._common import (
     MetadataError,
+    age_bands,
     as_table_frame,
     check_uncertain,
     chexpert_coding,
+    coded,
     find_file,
     read_csv_checked,
     select_labels,
@@ -48,6 +50,9 @@ STUDY_LABELS = (
 )
 SUBSETS = subsets_for(COLUMNS)
 _PATIENT = r"(patient\d+)"
+SEXES = {"Female": "female", "Male": "male"}
+# `AP/PA` of the frontal images; LL and RL (a handful) are lateral projections.
+VIEWS = {"AP": "AP", "PA": "PA", "LL": "lateral", "RL": "lateral"}
 
 
 def read_chexpert(
@@ -62,6 +67,7 @@ def read_chexpert(
     raw_dir: the `CheXpert-v1.0[-small]` folder, or the folder above it. CSV paths start with
     the dataset folder's name, so images resolve against the folder above the CSV.
     csv_name: "train.csv" (default) or "valid.csv" (the 234-image expert-labelled set).
+    Sex, age band and view come from `Sex`, `Age` and `AP/PA` when the file has them.
     """
     check_uncertain(uncertain)
     raw_dir = Path(raw_dir).expanduser().resolve()
@@ -102,5 +108,12 @@ def read_chexpert(
     paths = [os.path.join(root, p) for p in frame["Path"]]
     # The image id drops the dataset folder so full and -small give the same ids.
     image_ids = frame["Path"].str.replace(r"^CheXpert-v1\.0[^/]*/", "", regex=True)
-    table = as_table_frame(image_ids, paths, patients, [""] * len(frame), values)
+    attributes = {}
+    if "Sex" in frame:
+        attributes["sex"] = coded(frame["Sex"], SEXES)
+    if "Age" in frame:
+        attributes["age_band"] = age_bands(frame["Age"])
+    if "AP/PA" in frame:
+        attributes["view"] = coded(frame["AP/PA"], VIEWS)
+    table = as_table_frame(image_ids, paths, patients, [""] * len(frame), values, attributes)
     return RawTable("chexpert", names, table)

@@ -13,6 +13,7 @@ import pandas as pd
 from cxrjax.data.datasets._common import (
     MetadataError,
     as_table_frame,
+    coded,
     find_file,
     read_csv_checked,
     select_labels,
@@ -46,6 +47,10 @@ TERMS = {
 }
 STUDY_LABELS = tuple(TERMS)
 SUBSETS = subsets_for(TERMS)
+SEXES = {"F": "female", "M": "male"}
+# AP_horizontal: an AP film of a patient lying down.
+VIEWS = {"AP": "AP", "PA": "PA", "AP_horizontal": "supine", "L": "lateral"}
+_COLUMNS = ("ImageID", "ImageDir", "PatientID", "Projection", "Labels")
 
 
 def parse_labels(text: object, *, path: Path, row: int) -> set[str] | None:
@@ -76,14 +81,16 @@ def read_padchest(
     A blank `Labels` cell (no report labels) keeps the image with every label masked; `['']`
     is a labelled report with none of the findings. No official split: split "" everywhere.
     `uncertain` is accepted for a uniform reader signature; PadChest has no uncertain code.
+    Sex (`PatientSex_DICOM`) and view (`Projection`; AP_horizontal is supine) are kept; the age
+    would need the birth and study dates, which are not read.
     """
     del uncertain
     raw_dir = Path(raw_dir).expanduser().resolve()
     csv_path = find_file(raw_dir, [CSV_NAME], "PadChest labels CSV")
     frame = read_csv_checked(
         csv_path,
-        ["ImageID", "ImageDir", "PatientID", "Projection", "Labels"],
-        usecols=["ImageID", "ImageDir", "PatientID", "Projection", "Labels"],
+        _COLUMNS,
+        usecols=lambda c: c in (*_COLUMNS, "PatientSex_DICOM"),
         dtype={"ImageID": str, "ImageDir": str, "PatientID": str, "Projection": str},
     )
     names = select_labels(
@@ -115,5 +122,10 @@ def read_padchest(
         os.path.join(raw_dir, str(int(d)), i)
         for d, i in zip(image_dir, frame["ImageID"], strict=True)
     ]
-    table = as_table_frame(frame["ImageID"], paths, frame["PatientID"], [""] * len(frame), values)
+    attributes = {"view": coded(frame["Projection"], VIEWS)}
+    if "PatientSex_DICOM" in frame:
+        attributes["sex"] = coded(frame["PatientSex_DICOM"], SEXES)
+    table = as_table_frame(
+        frame["ImageID"], paths, frame["PatientID"], [""] * len(frame), values, attributes
+    )
     return RawTable("padchest", names, table)
