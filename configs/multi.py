@@ -13,7 +13,15 @@ from pathlib import Path
 
 from cxrjax.config_base import data_root, parse_arg
 
-INITS = ("ssl_nonmed", "sup_nonmed", "sup_med", "scratch")
+INITS = (
+    "ssl_nonmed",
+    "sup_nonmed",
+    "sup_med",
+    "scratch",
+    "ssl_nonmed_dinov3",
+    "ssl_med_raddino",
+    "siglip",
+)
 
 
 def get_config(arg=None):

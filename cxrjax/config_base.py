@@ -62,6 +62,10 @@ def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     c.model.drop_path = 0.0
     c.model.remat = False
     c.model.head_zero_init = False
+    c.model.pool = ""  # "": the architecture's own (cls; map for SigLIP); mean, cls_mean
+    c.model.lora_rank = 0  # > 0: LoRA adapters on `lora_targets`; only they and the head train
+    c.model.lora_alpha = 0.0  # 0: alpha = rank (scale 1)
+    c.model.lora_targets = ("query", "value")
 
     c.input = ml_collections.ConfigDict()
     c.input.normalization = "unit"  # study: [0, 1]; "zscore"; "pretrained": the source's

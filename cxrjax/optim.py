@@ -1,19 +1,23 @@
 """The optimizer from the config: AdamW (the study's lr 1e-5, no weight decay, constant) by default.
 
 Options: warmup + cosine schedule, gradient clipping, layer-wise learning-rate decay (ViT blocks
-named `block_N`, as cxrjax's ViT names them), and a frozen backbone (linear probe: only `head`
-is trained).
+named `block_N`, as cxrjax's ViT names them), a frozen backbone (linear probe: only `head` is
+trained), and LoRA (`config.model.lora_rank > 0`: only the `lora_a`/`lora_b` adapters and the head
+are trained; the model must be built with the same `lora_*` fields so that the adapters exist).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from cxrjax.models.lora import is_lora_param
 
 
 def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -69,9 +73,21 @@ def make_optimizer(
         parts.append(_scale_by_tree(layer_decay_scales(params, config.layer_decay)))
     parts.append(optax.scale_by_learning_rate(learning_rate(config, total_steps)))
     tx = optax.chain(*parts)
-    if config.freeze_backbone:
+    trainable = _trainable(config)
+    if trainable is not None:
         labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if _names(path)[0] == "head" else "frozen", params
+            lambda path, _: "train" if trainable(_names(path)) else "frozen", params
         )
+        # set_to_zero also keeps weight decay off the frozen weights.
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
+
+
+def _trainable(config: ml_collections.ConfigDict) -> Callable[[tuple[str, ...]], bool] | None:
+    """Which parameters train, by path; None when all of them do."""
+    model = config.get("model") or {}
+    if model.get("lora_rank", 0):
+        return lambda names: names[0] == "head" or is_lora_param(names)
+    if config.freeze_backbone:
+        return lambda names: names[0] == "head"
+    return None

@@ -54,20 +54,28 @@ class RunFacts:
     dataset: str
     batch_size: int
     ema: bool
+    # Architecture options beyond the variant (pooling, LoRA adapters); {} for plain runs.
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # Fields a resumed run must share with the checkpoints it resumes from. The topology
     # (processes, devices, FSDP) is deliberately absent: checkpoints restore onto any of them.
-    RESUME_FIELDS = ("variant", "label_names", "image_size", "batch_size", "ema")
+    RESUME_FIELDS = ("variant", "label_names", "image_size", "batch_size", "ema", "model_options")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["label_names"] = list(self.label_names)
         out["mean"], out["std"] = list(self.mean), list(self.std)
+        out["model_options"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.model_options.items()
+        }
         return {"version": FACTS_VERSION, **out}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], source: Path) -> RunFacts:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw]
+        optional = ("model_options",)
+        missing = [
+            f.name for f in dataclasses.fields(cls) if f.name not in raw and f.name not in optional
+        ]
         if missing:
             raise RunDirError(
                 f"{source} lacks {missing}: the run was trained before run directories became "
@@ -87,6 +95,7 @@ class RunFacts:
             dataset=raw["dataset"],
             batch_size=int(raw["batch_size"]),
             ema=bool(raw["ema"]),
+            model_options=dict(raw.get("model_options", {})),
         )
 
 
@@ -191,6 +200,8 @@ class RunDir:
         if path.is_file():
             saved = _read_json(path)
             now = facts.to_json()
+            # Run directories from before model_options existed had none.
+            saved.setdefault("model_options", {})
             differing = {
                 k: (saved[k], now[k])
                 for k in facts.RESUME_FIELDS

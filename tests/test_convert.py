@@ -423,3 +423,27 @@ def test_bad_files_give_clear_errors(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="junk.npz"):
         convert_source(junk)
+
+
+def test_rad_dino_tag_from_518_to_224_px(tmp_path):
+    """RAD-DINO (an HF Dinov2Model at 518 px) converted under its tag, then fine-tuned at 224."""
+    import tools.convert_checkpoint as cli  # noqa: PLC0415
+
+    model = _hf_model("dinov2", scale=0.03, image_size=518, patch_size=14, layer_norm_eps=1e-6)
+    model.save_pretrained(tmp_path / "hf")
+    variant = "vit_base_patch14_dinov2.rad_dino"
+    out = cli.convert(str(tmp_path / "hf"), str(tmp_path / "w"), variant=variant)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["variant"] == variant and meta["image_size"] == 518
+    flax_model = create_model(variant, 0, image_size=224)
+    params = jax.eval_shape(
+        lambda: flax_model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3)))
+    )["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+    loaded, report = load_pretrained(str(out), params, variant=variant, image_size=224)
+    assert "hf bicubic" in report.resampled["pos_embedding"]
+    x = _inputs(224, n=1, seed=6)
+    feats = jax.jit(lambda p, x: flax_model.apply({"params": p}, x))(loaded, x)
+    with torch.no_grad():
+        ref = model(pixel_values=_torch_in(x)).pooler_output.numpy()
+    _check(np.asarray(feats), ref, "RAD-DINO CLS features at 224 px from 518 px weights")

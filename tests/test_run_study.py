@@ -180,4 +180,16 @@ def test_label_noise_sweep_adds_cells_with_the_override(tmp_path):
     ]
     assert "--config.data.label_noise=0.1" in jobs[1].command
     assert jobs[1].workdir.name == "seed0-noise0.1"
-    assert not any("label_noise" in c for c in jobs[0].command)
+    assert not any(c.startswith("--config.data.label_noise") for c in jobs[0].command)
+
+
+def test_the_new_backbone_arms_are_grid_cells(tmp_path):
+    run_study, args = _namespace(
+        tmp_path, inits=["ssl_nonmed_dinov3", "ssl_med_raddino", "siglip"], datasets=["vindr"]
+    )
+    commands = [" ".join(j.command) for j in run_study.plan(args)]
+    for init in ("ssl_nonmed_dinov3", "ssl_med_raddino", "siglip"):
+        assert any(f"configs/{init}.py:dataset=vindr,fraction=1,seed=0" in c for c in commands)
+    from configs import multi
+
+    assert multi.get_config("init=siglip,sources=a+b").data.sources[1].endswith("/b")

@@ -3,15 +3,21 @@
   python tools/convert_checkpoint.py --list
   python tools/convert_checkpoint.py SOURCE --out DIR [--format F] [--variant V] [--sha256 HEX]
 
-SOURCE is a local file or folder (format auto-detected: DINOv2 torch-hub .pth, timm
-.safetensors/.bin/.pth, a Hugging Face folder, an AugReg .npz, a cxrjax weights folder or run
-directory), an http(s) URL, or a registered variant name (its official file is downloaded). A
-download is checked against --sha256 when given; the file's sha256 is always recorded.
+SOURCE is a local file or folder (format auto-detected: DINOv2 / DINOv3 torch-hub .pth, timm
+.safetensors/.bin/.pth, a Hugging Face folder (ViT, DINOv2, DINOv3, SigLIP, SigLIP 2), an AugReg
+or big_vision SigLIP .npz, a cxrjax weights folder or run directory), an http(s) URL, a Hugging
+Face repo id, or a registered name: a weights tag (``arch.tag``) or a legacy variant, whose
+official file or Hugging Face repo is downloaded. A download is checked against --sha256 when
+given; the file's sha256 is always recorded. Name the weights tag with --variant when the shapes
+alone cannot tell it (RAD-DINO is shaped like DINOv2 ViT-B/14), so that
+``input.normalization=pretrained`` later takes that tag's mean/std.
 
 The study's three initialisations:
   python tools/convert_checkpoint.py vit_b14_dinov2 --out weights/vit_b14_dinov2
   python tools/convert_checkpoint.py vit_b16_in21k --out weights/vit_b16_in21k
   python tools/convert_checkpoint.py runs/sup_med_pretrain --out weights/vit_b16_mimic
+and the newer backbones, e.g.:
+  python tools/convert_checkpoint.py vit_base_patch14_dinov2.rad_dino --out weights/rad_dino
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from absl import app, flags
 
 from cxrjax.models import count_params, flops_per_image, get_spec, list_models
 from cxrjax.models.convert import FORMATS, convert_source, heads_of, match_variant
+from cxrjax.models.registry import list_aliases, list_architectures, list_pretrained
 from cxrjax.models.weights import CheckpointError, save_weights, sha256_file
 
 
@@ -35,19 +42,33 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).")
     flags.DEFINE_string("variant", None, "Registered variant (default: infer from shapes).")
     flags.DEFINE_string("sha256", None, "Expected sha256 of the downloaded/local file.")
-    flags.DEFINE_bool("list", False, "List the registered variants with params and GFLOPs.")
+    flags.DEFINE_bool("list", False, "List architectures and weights tags, params and GFLOPs.")
     flags.DEFINE_string("cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept.")
 
 
 def print_variants() -> None:
-    print(f"{'variant':<22}{'params (M)':>11}{'res':>5}{'GFLOPs':>9}{'@224':>8}  sources")
-    for name in list_models():
+    """Architectures (shape, size, cost), then weights tags (resolution, mean/std, sources)."""
+    print(f"{'architecture':<32}{'params (M)':>11}{'res':>5}{'GFLOPs':>9}{'@224':>8}  family")
+    for name in list_architectures():
         spec = get_spec(name)
         at224 = f"{flops_per_image(name, 224):8.1f}" if 224 % spec.patch_size == 0 else "       -"
         print(
-            f"{name:<22}{count_params(name) / 1e6:11.1f}{spec.image_size:5d}"
-            f"{flops_per_image(name):9.1f}{at224}  {', '.join(spec.sources.values()) or '-'}"
+            f"{name:<32}{count_params(name) / 1e6:11.1f}{spec.image_size:5d}"
+            f"{flops_per_image(name):9.1f}{at224}  {spec.family}"
         )
+    print(f"\n{'weights tag':<48}{'res':>5}{'GFLOPs':>9}  {'mean / std':<22}  sources")
+    for name in list_pretrained():
+        spec = get_spec(name)
+        stats = f"{spec.mean[0]:.4g} / {spec.std[0]:.4g}" + (
+            "" if len(set(spec.mean)) == 1 else " .."
+        )
+        print(
+            f"{name:<48}{spec.image_size:5d}{flops_per_image(name):9.1f}  {stats:<22}  "
+            f"{', '.join(spec.sources.values())}"
+        )
+    print("\nlegacy names (still accepted):")
+    for alias, full in list_aliases().items():
+        print(f"  {alias:<22} = {full}")
 
 
 def fetch(source: str, cache: Path) -> tuple[Path, str | None]:
@@ -56,7 +77,8 @@ def fetch(source: str, cache: Path) -> tuple[Path, str | None]:
     if source in list_models():
         variant = source
         sources = get_spec(source).sources
-        url = sources.get("dinov2_hub") or sources.get("augreg_npz")
+        # An official file where there is a public URL, else the Hugging Face repository.
+        url = sources.get("dinov2_hub") or sources.get("augreg_npz") or sources.get("hf")
         if url is None:
             raise CheckpointError(f"{source} has no downloadable official file; pass a local path")
         source = url
@@ -88,7 +110,12 @@ def _hub_download(name: str) -> Path:
         raise CheckpointError(f"{name}: downloading hub names needs huggingface_hub") from e
     try:
         if "/" in name:
-            patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+            patterns = [
+                "config.json",
+                "preprocessor_config.json",
+                "model.safetensors",
+                "pytorch_model.bin",
+            ]
             return Path(snapshot_download(name, allow_patterns=patterns))
         return Path(hf_hub_download(f"timm/{name}", "model.safetensors"))
     except Exception as e:  # network, authentication and missing-repo errors alike

@@ -117,6 +117,12 @@ def export(weights: str | Path, out: str | Path) -> Path:
 
     flat, meta = read_weights(weights)
     spec = get_spec(meta["variant"])
+    if spec.family not in ("augreg", "dinov2"):
+        # DINOv3 and SigLIP are other timm classes (Eva, attention-pool ViT) with other names.
+        raise CheckpointError(
+            f"{weights}: exporting {spec.family} weights ({meta['variant']}) is not supported; "
+            "timm export covers the ViT and DINOv2 families"
+        )
     sd = to_timm_state_dict(flat, spec.kwargs["num_heads"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,10 @@ from pathlib import Path
 from cxrjax.config_base import data_root
 from cxrjax.run_dir import RunDir
 
-INITS = ("ssl_nonmed", "sup_nonmed", "sup_med", "scratch")
+STUDY_INITS = ("ssl_nonmed", "sup_nonmed", "sup_med", "scratch")
+# The 2025-26 arms (configs/<name>.py, the same dataset/fraction/seed arguments).
+NEW_INITS = ("ssl_nonmed_dinov3", "ssl_med_raddino", "siglip")
+INITS = STUDY_INITS + NEW_INITS
 GRIDS = ("single", "pooled", "lodo")
 LAUNCHERS = ("local", "slurm", "submitit-local")
 MIMIC_WEIGHTS = "vit_b16_mimic"
@@ -248,7 +251,10 @@ def submit(jobs: list[Job], executor, slurm: bool, cwd: str) -> dict[str, object
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["vindr"])
-    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    parser.add_argument(
+        "--inits", nargs="+", default=list(STUDY_INITS), choices=INITS,
+        help=f"default: the study's {', '.join(STUDY_INITS)}; also {', '.join(NEW_INITS)}",
+    )  # fmt: skip
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--grid", choices=GRIDS, default="single")

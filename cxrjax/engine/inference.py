@@ -60,8 +60,6 @@ class Predictor:
                 steps.make_predict_step(self.model, mean, std),
                 out_shardings=sharding.data_sharding(self.mesh),
             )
-        if self._heatmap is None:
-            self._heatmap = jax.jit(steps.make_heatmap_step(self.model, mean, std))
         if self._forward_normalised is None:
             self._forward_normalised = jax.jit(functools.partial(steps.forward, self.model))
 
@@ -94,8 +92,15 @@ class Predictor:
         """The best (by validation) or latest checkpoint of a run directory, as trained."""
         run = path if isinstance(path, RunDir) else RunDir(path)
         facts = run.read_facts()
+        options = dict(facts.model_options)
+        if "lora_targets" in options:
+            options["lora_targets"] = tuple(options["lora_targets"])
         model = create_model(
-            facts.variant, len(facts.label_names), image_size=facts.image_size, dtype=facts.dtype
+            facts.variant,
+            len(facts.label_names),
+            image_size=facts.image_size,
+            dtype=facts.dtype,
+            **options,
         )
         mesh = sharding.make_mesh()
         dummy = jnp.zeros((1, facts.image_size, facts.image_size, 3))
@@ -198,6 +203,9 @@ class Predictor:
 
     def heatmaps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, attention-rollout patch maps) of uint8 (N, H, W) images."""
+        if self._heatmap is None:  # built on first use: not every model has a CLS to follow
+            mean, std = jnp.asarray(self.mean), jnp.asarray(self.std)
+            self._heatmap = jax.jit(steps.make_heatmap_step(self.model, mean, std))
         batch, n = self._padded(np.asarray(images, np.uint8))
         out = self._heatmap(self.params, batch)
         return np.asarray(out["probs"])[:n], np.asarray(out["heatmap"])[:n]

@@ -17,6 +17,20 @@ from cxrjax.models import create_model
 from cxrjax.models.pretrained import load_pretrained
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The architecture options a run fixes beyond its variant (recorded in run.json, so that
+    inference rebuilds the same module): pooling and LoRA adapters."""
+    m = config.model
+    options: dict[str, Any] = {}
+    if m.get("pool"):
+        options["pool"] = m.pool
+    if m.get("lora_rank", 0):
+        options["lora_rank"] = int(m.lora_rank)
+        options["lora_alpha"] = float(m.lora_alpha) or None
+        options["lora_targets"] = tuple(m.lora_targets)
+    return options
+
+
 def build_model(config: ml_collections.ConfigDict, num_labels: int, image_size: int):
     m = config.model
     return create_model(
@@ -28,6 +42,7 @@ def build_model(config: ml_collections.ConfigDict, num_labels: int, image_size: 
         drop_path=m.drop_path,
         remat=m.remat,
         head_zero_init=m.head_zero_init,
+        **model_options(config),
     )
 
 

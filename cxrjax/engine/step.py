@@ -161,7 +161,13 @@ def make_heatmap_step(model, mean: jax.Array, std: jax.Array) -> Callable[[Any, 
     """
     from cxrjax.evaluation import rollout
 
-    num_prefix = 1 + model.num_registers
+    if not model.class_token:
+        raise ConfigError(
+            "attention rollout follows the CLS token, and this model has none (SigLIP pools "
+            "with an attention head)",
+            "Predict without --heatmap.",
+        )
+    num_prefix = model.num_prefix_tokens
 
     def heatmap_step(params, images):
         logits, attentions = rollout.layer_attentions(model, params, normalize(images, mean, std))

@@ -28,7 +28,7 @@ from cxrjax.data.images import PreprocessOptions
 from cxrjax.engine import step as steps
 from cxrjax.engine.data import SELECTION_RULE, TrainingData, open_training_data
 from cxrjax.engine.inference import Predictor
-from cxrjax.engine.state import build_model, init_state
+from cxrjax.engine.state import build_model, init_state, model_options
 from cxrjax.errors import MissingInputError, NonFiniteError, Preempted
 from cxrjax.evaluation.evaluators import ClassificationEvaluator, format_line, summarize
 from cxrjax.evaluation.predictions import Predictions, concatenate, save_predictions
@@ -64,6 +64,7 @@ def run_facts(config: ml_collections.ConfigDict, data: TrainingData) -> RunFacts
         dataset=data.name,
         batch_size=config.batch_size,
         ema=bool(config.ema_decay),
+        model_options=model_options(config),
     )
 
 

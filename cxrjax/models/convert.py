@@ -1,8 +1,13 @@
 """Conversion of public ViT checkpoints into cxrjax parameter trees.
 
-Sources: the official DINOv2 torch-hub ``.pth`` files, timm files (``.safetensors``/``.bin``/
-``.pth``), Hugging Face transformers folders (``config.json`` + weights), the AugReg / big_vision
-JAX ``.npz`` files and cxrjax's own weights directories and run directories. Torch files are
+(Longer than ~400 lines on purpose: one converter per foreign format, each a key-by-key map
+that reads best next to the others it mirrors.)
+
+Sources: the official DINOv2 and DINOv3 torch-hub ``.pth`` files, timm files (``.safetensors``/
+``.bin``/``.pth``), Hugging Face transformers folders (``config.json`` + weights), the AugReg /
+big_vision JAX ``.npz`` files (ViTs and SigLIP image towers) and cxrjax's own weights directories
+and run directories. DINOv3 and SigLIP have modules of their own (:mod:`.convert_dinov3`,
+:mod:`.convert_siglip`); this one detects the format and dispatches. Torch files are
 read with ``torch.load(weights_only=True)``: a pickle that needs arbitrary code is refused.
 
 Each converter returns a :class:`Converted`: the parameter tree plus the architecture it implies,
@@ -20,17 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from cxrjax.models.registry import get_spec, list_models
+from cxrjax.models.lora import merge_lora
+from cxrjax.models.registry import get_spec, list_architectures
 from cxrjax.models.weights import (
     META_FILE,
     PARAMS_FILE,
     CheckpointError,
+    flatten,
     read_weights,
     unflatten,
 )
 from cxrjax.run_dir import RunDir
 
-FORMATS = ("dinov2", "timm", "hf", "augreg_npz", "cxrjax", "cxrjax_run")
+FORMATS = ("dinov2", "dinov3", "timm", "hf", "augreg_npz", "cxrjax", "cxrjax_run")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
@@ -71,12 +78,14 @@ def detect_format(source: str | Path) -> str:
         keys = set(read_state_dict(p))
         if any(k.startswith(("embeddings.", "vit.", "dinov2.", "encoder.layer.")) for k in keys):
             return "hf"
+        if "storage_tokens" in keys:
+            return "dinov3"
         if "mask_token" in keys or "register_tokens" in keys or any(".mlp.w12." in k for k in keys):
             return "dinov2"
         if any(k.startswith("blocks.") for k in keys):
             return "timm"
         raise CheckpointError(
-            f"{p}: keys {sorted(keys)[:6]} are not those of a DINOv2, timm or HF ViT; pass "
+            f"{p}: keys {sorted(keys)[:6]} are not those of a DINOv2/v3, timm or HF ViT; pass "
             f"--format explicitly if it is one of {FORMATS}"
         )
     raise CheckpointError(
@@ -150,6 +159,10 @@ class _Keys:
             raise CheckpointError(f"{self.source}: missing key {key!r}")
         self.used.add(key)
         return self.sd[key]
+
+    def skip(self, *keys: str) -> None:
+        """Marks keys as deliberately left out (derived buffers), so they are not reported."""
+        self.used.update(key for key in keys if key in self.sd)
 
     def unused(self) -> list[str]:
         return sorted(set(self.sd) - self.used)
@@ -389,18 +402,23 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{p}: unreadable .npz ({type(e).__name__}: {e})") from e
 
 
+def unscan(tree: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """big_vision's scanned layout (``prefix/...`` stacked on axis 0) -> ``prefix_i/...`` keys."""
+    stacked = {key: v for key, v in tree.items() if key.startswith(prefix + "/")}
+    out = {key: v for key, v in tree.items() if key not in stacked}
+    if stacked:
+        depth = next(iter(stacked.values())).shape[0]
+        for key, v in stacked.items():
+            for i in range(depth):
+                out[key.replace(prefix + "/", f"{prefix}_{i}/", 1)] = v[i]
+    return out
+
+
 def convert_augreg(npz: Mapping[str, np.ndarray], *, source: str = "npz") -> Converted:
     """vit_jax / big_vision ViT ``.npz`` (unscanned or scanned blocks) -> cxrjax params."""
     npz = {key.removeprefix("params/"): v for key, v in npz.items()}
     t = "Transformer/"
-    if any(key.startswith(t + "encoderblock/") for key in npz):
-        # big_vision's scanned layout stacks the blocks along axis 0.
-        stacked = {key: v for key, v in npz.items() if key.startswith(t + "encoderblock/")}
-        depth = next(iter(stacked.values())).shape[0]
-        npz = {key: v for key, v in npz.items() if key not in stacked}
-        for key, v in stacked.items():
-            for i in range(depth):
-                npz[key.replace("encoderblock/", f"encoderblock_{i}/")] = v[i]
+    npz = unscan(npz, t + "encoderblock")
     k = _Keys(npz, source)
     depth = _block_count(npz, re.escape(t) + r"encoderblock_(\d+)/")
     pos_key = t + "posembed_input/pos_embedding"
@@ -480,6 +498,9 @@ def convert_cxrjax_run(run_dir: str | Path, which: str = "best") -> Converted:
         restored = ckptr.restore(step_dir / item)
     params = restored if item == "params" else restored["params"]
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    if any(key.endswith(("/lora_a", "/lora_b")) for key in flatten(params)):
+        # A LoRA run: fold the adapters in with the alpha it trained with.
+        params = merge_lora(params, layout.read_config().model.get("lora_alpha"))
     spec = get_spec(run["variant"])
     arch = dict(spec.kwargs, image_size=int(run["image_size"]))
     return Converted(
@@ -496,19 +517,35 @@ def convert_source(
     source: str | Path, fmt: str | None = None, *, num_heads: int | None = None
 ) -> Converted:
     """Converts a local file or folder; ``fmt`` overrides detection, ``num_heads`` is needed
-    for torch state dicts (their shapes do not reveal it) unless a variant supplies it."""
+    for timm state dicts (their shapes do not reveal it) unless a variant supplies it."""
+    from cxrjax.models import convert_dinov3, convert_siglip
+
     fmt = fmt or detect_format(source)
     p = Path(source)
+    if fmt == "dinov3":
+        return convert_dinov3.convert_official(read_state_dict(p), source=str(p))
     if fmt in ("dinov2", "timm"):
         if num_heads is None:
             raise CheckpointError(f"{p}: pass --variant so the number of attention heads is known")
-        return convert_timm(read_state_dict(p), num_heads=num_heads, source=str(p))
+        sd = read_state_dict(p)
+        if "pos_embed" not in sd and "reg_token" in sd:
+            # timm's DINOv3 (an Eva with RoPE) stores no position embedding.
+            return convert_dinov3.convert_timm(sd, num_heads=num_heads, source=str(p))
+        return convert_timm(sd, num_heads=num_heads, source=str(p))
     if fmt == "hf":
         folder = p if p.is_dir() else p.parent
         sd = _hf_weights(folder) if p.is_dir() else read_state_dict(p)
-        return convert_hf(sd, _hf_config(folder), source=str(p))
+        config = _hf_config(folder)
+        if config.get("model_type") == "dinov3_vit":
+            return convert_dinov3.convert_hf(sd, config, source=str(p))
+        if convert_siglip.is_siglip_config(config):
+            return convert_siglip.convert_hf(sd, config, source=str(p))
+        return convert_hf(sd, config, source=str(p))
     if fmt == "augreg_npz":
-        return convert_augreg(read_npz(p), source=str(p))
+        npz = read_npz(p)
+        if convert_siglip.is_big_vision_siglip(npz):
+            return convert_siglip.convert_big_vision(npz, source=str(p))
+        return convert_augreg(npz, source=str(p))
     if fmt == "cxrjax":
         flat, meta = read_weights(p)
         spec = get_spec(meta["variant"])
@@ -525,31 +562,44 @@ def convert_source(
     raise CheckpointError(f"unknown format {fmt!r}; use one of {FORMATS}")
 
 
-_ARCH_KEYS = ("patch_size", "width", "depth", "mlp_dim", "mlp_kind", "num_registers")
+# What the weights' shapes and names fix; resolution, resampling and pooling (other than MAP,
+# which has parameters) are choices made on top.
+_ARCH_KEYS = (
+    "patch_size",
+    "width",
+    "depth",
+    "mlp_dim",
+    "mlp_kind",
+    "num_registers",
+    "class_token",
+    "posemb",
+    "key_bias",
+)
+
+
+def _shape_of(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    shape = {a: kwargs.get(a, _default(a)) for a in _ARCH_KEYS}
+    shape["layerscale"] = kwargs.get("layerscale_init") is not None
+    shape["map_head"] = kwargs.get("pool") == "map"
+    return shape
 
 
 def match_variant(arch: Mapping[str, Any], variant: str | None = None) -> str:
-    """The registered variant with ``arch``'s shape; checks ``variant`` when one is given."""
-
-    def same(name: str) -> bool:
-        kw = get_spec(name).kwargs
-        return all(kw.get(a, _default(a)) == arch.get(a, _default(a)) for a in _ARCH_KEYS) and (
-            (kw.get("layerscale_init") is None) == (arch.get("layerscale_init") is None)
-        )
-
+    """The registered architecture with ``arch``'s shape; checks ``variant`` when one is given
+    (any name ``get_spec`` accepts: an ``arch.tag`` or a legacy name is kept as given)."""
+    got = _shape_of(arch)
     if variant is not None:
-        if not same(variant):
-            got = {a: arch.get(a, _default(a)) for a in _ARCH_KEYS}
-            want = {a: get_spec(variant).kwargs.get(a, _default(a)) for a in _ARCH_KEYS}
+        want = _shape_of(get_spec(variant).kwargs)
+        if got != want:
+            diff = {a: (got[a], want[a]) for a in got if got[a] != want[a]}
             raise CheckpointError(
-                f"the checkpoint is not a {variant}: it has {got}, {variant} has {want}"
+                f"the checkpoint is not a {variant}: (checkpoint, {variant}) differ in {diff}"
             )
         return variant
-    matches = [n for n in list_models() if same(n)]
+    matches = [n for n in list_architectures() if _shape_of(get_spec(n).kwargs) == got]
     if len(matches) != 1:
         raise CheckpointError(
-            f"cannot tell the variant of a checkpoint with "
-            f"{ {a: arch.get(a, _default(a)) for a in _ARCH_KEYS} } "
+            f"cannot tell the variant of a checkpoint with {got} "
             f"(candidates: {matches or 'none'}); pass --variant"
         )
     return matches[0]

@@ -10,6 +10,8 @@ Three conventions exist and all are implemented as exact separable weight matric
 * ``"timm"``: timm's ``resample_abs_pos_embed``: bicubic with ``antialias=True`` and an explicit
   output size; PyTorch's antialiased bicubic is the PIL-style filter (A=-0.5) whose support widens
   when downsampling.
+* ``"siglip2"``: transformers' ``Siglip2VisionModel``: bilinear with ``antialias=True`` (a
+  triangle filter, widened the same way when downsampling).
 
 Weights are built in numpy from static shapes, so resampling inside a jitted forward pass is a
 pair of small matmuls and is differentiable.
@@ -22,7 +24,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-RESAMPLE_METHODS = ("dinov2", "hf", "timm")
+RESAMPLE_METHODS = ("dinov2", "hf", "timm", "siglip2")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -50,10 +52,11 @@ def _bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None) -> 
     return w
 
 
-def _antialias_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """PyTorch's antialiased bicubic (PIL filter, A=-0.5) along one axis, output size given."""
+def _antialias_matrix(in_size: int, out_size: int, cubic: bool) -> np.ndarray:
+    """PyTorch's antialiased bicubic (PIL filter, A=-0.5) or bilinear along one axis."""
     scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
+    width = 2.0 if cubic else 1.0
+    support = width * scale if scale >= 1.0 else width
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
     w = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
@@ -62,7 +65,8 @@ def _antialias_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), in_size)
         j = np.arange(xmin, xmax)
-        taps = _cubic((j - center + 0.5) * invscale, -0.5)
+        x = (j - center + 0.5) * invscale
+        taps = _cubic(x, -0.5) if cubic else np.maximum(0.0, 1.0 - np.abs(x))
         total = taps.sum()
         w[i, xmin:xmax] = taps / total if total != 0.0 else taps
     return w
@@ -75,8 +79,8 @@ def resample_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
         return _bicubic_matrix(in_size, out_size, (out_size + 0.1) / in_size).astype(np.float32)
     if method == "hf":
         return _bicubic_matrix(in_size, out_size, None).astype(np.float32)
-    if method == "timm":
-        return _antialias_bicubic_matrix(in_size, out_size).astype(np.float32)
+    if method in ("timm", "siglip2"):
+        return _antialias_matrix(in_size, out_size, cubic=method == "timm").astype(np.float32)
     raise ValueError(
         f"Unknown position-embedding resample method {method!r}; use {RESAMPLE_METHODS}"
     )

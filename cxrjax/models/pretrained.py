@@ -30,8 +30,10 @@ from cxrjax.models.weights import (
 
 __all__ = ["CheckpointError", "LoadReport", "MissingCheckpointError", "load_pretrained"]
 
-# Parameters a checkpoint may lack: they are task- or option-specific, not backbone weights.
+# Parameters a checkpoint may lack: they are task- or option-specific, not backbone weights
+# (LoRA adapters start from their own initialisation: zero B, so the base model's function).
 _OPTIONAL_PREFIXES = ("head/", "registers")
+_OPTIONAL_SUFFIXES = ("/lora_a", "/lora_b")
 
 
 @dataclasses.dataclass
@@ -59,9 +61,15 @@ class LoadReport:
 
 
 def conversion_command(path: str | Path, variant: str) -> str:
-    """The command that creates converted weights for ``variant`` at ``path``."""
+    """The command that creates converted weights for ``variant`` at ``path``.
+
+    SOURCE is the official file when there is a public URL, else the Hugging Face repository
+    (``tools/convert_checkpoint.py`` downloads either; gated repositories need a login).
+    """
     sources = get_spec(variant).sources
-    source = sources.get("dinov2_hub") or sources.get("augreg_npz") or "SOURCE"
+    source = next(
+        (sources[s] for s in ("dinov2_hub", "augreg_npz", "hf") if s in sources), "SOURCE"
+    )
     return f"python tools/convert_checkpoint.py {source} --variant {variant} --out {path}"
 
 
@@ -89,7 +97,9 @@ def load_pretrained(
             ".npz, or a cxrjax run directory)"
         ) from None
     params_file = weights_dir(path) / "params.safetensors"
-    resample = get_spec(variant).kwargs.get("posemb_resample", "timm")
+    spec_kwargs = get_spec(variant).kwargs
+    resample = spec_kwargs.get("posemb_resample", "timm")
+    num_prefix = int(spec_kwargs.get("class_token", True))
     target = flatten(params)
     report = LoadReport(
         path=str(path), source=str(meta.get("source")), source_variant=str(meta.get("variant"))
@@ -103,7 +113,7 @@ def load_pretrained(
             report.reinitialised[key] = head_reason
             continue
         if key not in flat_ckpt:
-            if key.startswith(_OPTIONAL_PREFIXES):
+            if key.startswith(_OPTIONAL_PREFIXES) or key.endswith(_OPTIONAL_SUFFIXES):
                 out[key] = init
                 report.reinitialised[key] = "not in the checkpoint"
             else:
@@ -111,7 +121,7 @@ def load_pretrained(
             continue
         value = flat_ckpt[key]
         if key == "pos_embedding" and value.shape != init.shape:
-            value = _resample(value, init.shape, resample, params_file)
+            value = _resample(value, init.shape, resample, num_prefix, params_file)
             old = meta.get("image_size")
             report.resampled[key] = (
                 f"{flat_ckpt[key].shape} ({old} px) -> {init.shape} ({image_size} px), "
@@ -164,13 +174,13 @@ def _head_mismatch(
 
 
 def _resample(
-    value: np.ndarray, shape: tuple[int, ...], method: str, params_file: Path
+    value: np.ndarray, shape: tuple[int, ...], method: str, num_prefix: int, params_file: Path
 ) -> np.ndarray:
-    """Resamples a (1, 1 + n*n, D) position embedding to ``shape``."""
-    n_old, n_new = value.shape[1] - 1, shape[1] - 1
+    """Resamples a (1, num_prefix + n*n, D) position embedding to ``shape``."""
+    n_old, n_new = value.shape[1] - num_prefix, shape[1] - num_prefix
     side_old, side_new = int(round(n_old**0.5)), int(round(n_new**0.5))
     if side_old**2 != n_old or side_new**2 != n_new or value.shape[2] != shape[2]:
         raise CheckpointError(
             f"{params_file}: pos_embedding {value.shape} cannot be resampled to {shape}"
         )
-    return resample_posemb(value, 1, (side_new, side_new), method, (side_old, side_old))
+    return resample_posemb(value, num_prefix, (side_new, side_new), method, (side_old, side_old))

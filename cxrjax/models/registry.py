@@ -1,7 +1,20 @@
-"""Named ViT variants with their pretrained sources (timm-style registry).
+"""Architectures and pretrained-weights tags (timm's habit: ``arch.tag``).
 
-A variant fixes the architecture; ``create_model`` applies config overrides (compute dtype,
-dropout, stochastic depth, remat, head init, registers, image size) on top of it.
+An *architecture* (``vit_base_patch16``, ``vit_base_patch14_dinov2``, ``vit_small_patch16_dinov3``,
+``vit_so400m_patch14_siglip``, ...) fixes the module's shape and defaults; scratch training uses
+it alone. A *weights tag* (``.augreg_in21k``, ``.lvd142m``, ``.rad_dino``, ``.lvd1689m``,
+``.webli``, ...) names one set of pretrained weights of it and carries what using them needs: the
+sources they come from, the resolution they were trained at (the stored position-embedding grid),
+the input mean/std they expect, and the position-embedding resampling rule of the code they were
+trained with. ``get_spec`` resolves any of
+
+* ``arch.tag``: that tag;
+* ``arch``: the architecture with its first (default) tag, as timm does;
+* a legacy name (``vit_b16_in21k``, ``vit_b14_dinov2``, ...): the tag it always meant, so
+  existing configs, converted weights (``meta.json``) and run directories keep working.
+
+``create_model`` applies config overrides (compute dtype, dropout, stochastic depth, remat, head
+init, pooling, LoRA, image size) on top of the resolved spec.
 """
 
 from __future__ import annotations
@@ -14,23 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrjax.errors import ConfigError
+from cxrjax.models import catalog
 from cxrjax.models.vit import VisionTransformer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
-
-_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
-_AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/{name}.npz"
+IMAGENET_MEAN = catalog.IMAGENET_MEAN
+IMAGENET_STD = catalog.IMAGENET_STD
+INCEPTION_MEAN = catalog.INCEPTION_MEAN
+INCEPTION_STD = catalog.INCEPTION_STD
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Everything the rest of cxrjax needs to know about a variant.
+    """Everything the rest of cxrjax needs to know about an architecture with its weights.
 
-    ``sources`` maps a source kind (``dinov2_hub``, ``timm``, ``hf``, ``augreg_npz``) to its public
-    name or URL. ``mean``/``std`` are the input normalisation the pretrained weights expect.
+    ``kwargs`` are the module's (the tag's resolution and resampling rule applied). ``sources``
+    maps a source kind (``dinov2_hub``, ``timm``, ``hf``, ``augreg_npz``, ``big_vision_npz``) to
+    its public name or URL. ``mean``/``std`` are the input normalisation the weights expect.
     """
 
     name: str
@@ -42,175 +55,72 @@ class ModelSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     description: str = ""
+    arch: str = ""
+    tag: str | None = None
 
     @property
     def width(self) -> int:
         return self.kwargs["width"]
 
 
-_SIZES = {
-    # name: (width, depth, heads, mlp_dim)
-    "ti": (192, 12, 3, 768),
-    "s": (384, 12, 6, 1536),
-    "b": (768, 12, 12, 3072),
-    "l": (1024, 24, 16, 4096),
-    "g": (1536, 40, 24, 4096),
-}
-
-_REGISTRY: dict[str, ModelSpec] = {}
+def list_architectures(pattern: str = "*") -> list[str]:
+    """Architecture names matching a glob pattern, sorted."""
+    return sorted(n for n in catalog.ARCHITECTURES if fnmatch.fnmatch(n, pattern))
 
 
-def _register(spec: ModelSpec) -> None:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"variant {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """``arch.tag`` names matching a glob pattern, sorted."""
+    names = (f"{a}.{t}" for a, tags in catalog.TAGS.items() for t in tags)
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
-def _arch(size: str, patch: int, image_size: int, **extra: Any) -> dict[str, Any]:
-    width, depth, heads, mlp = _SIZES[size]
-    return dict(
-        patch_size=patch,
-        width=width,
-        depth=depth,
-        num_heads=heads,
-        mlp_dim=mlp,
-        image_size=image_size,
-        **extra,
-    )
-
-
-def _register_all() -> None:
-    _register(
-        ModelSpec(
-            name="vit_tiny_demo",
-            kwargs=dict(
-                patch_size=8,
-                width=96,
-                depth=4,
-                num_heads=4,
-                mlp_dim=384,
-                image_size=64,
-                posemb_resample="timm",
-            ),
-            patch_size=8,
-            image_size=64,
-            family="augreg",
-            sources={},
-            mean=INCEPTION_MEAN,
-            std=INCEPTION_STD,
-            description="tiny ViT for tests and CPU demos (64-96 px inputs)",
-        )
-    )
-    _register(
-        ModelSpec(
-            name="vit_tiny14_dinov2",
-            kwargs=dict(
-                patch_size=14,
-                width=96,
-                depth=2,
-                num_heads=4,
-                mlp_dim=384,
-                image_size=28,
-                layerscale_init=1e-5,
-                posemb_resample="dinov2",
-            ),  # fmt: skip
-            patch_size=14,
-            image_size=28,
-            family="dinov2",
-            sources={},
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            description="tiny DINOv2-shaped ViT (LayerScale, patch 14) for CPU tests",
-        )
-    )
-    augreg = {
-        "ti": ("vit_tiny_patch16_224", "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0"),
-        "s": ("vit_small_patch16_224", "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"),
-        "b": ("vit_base_patch16_224", "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"),
-        "l": (
-            "vit_large_patch16_224",
-            "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
-        ),
-    }
-    hf_in21k = {
-        "b": "google/vit-base-patch16-224-in21k",
-        "l": "google/vit-large-patch16-224-in21k",
-    }
-    for size, (timm_name, npz) in augreg.items():
-        name = "vit_ti16" if size == "ti" else f"vit_{size}16_in21k"
-        # The official file first: it is what tools and error messages offer to download.
-        sources = {"augreg_npz": _AUGREG_URL.format(name=npz), "timm": f"{timm_name}.augreg_in21k"}
-        if size in hf_in21k:
-            # The HF in21k checkpoints come from the original ViT release, not AugReg.
-            sources["hf"] = hf_in21k[size]
-        _register(
-            ModelSpec(
-                name=name,
-                kwargs=_arch(size, 16, 224, posemb_resample="timm"),
-                patch_size=16,
-                image_size=224,
-                family="augreg",
-                sources=sources,
-                mean=INCEPTION_MEAN,
-                std=INCEPTION_STD,
-                description=f"ViT-{size.upper()}/16 supervised on ImageNet-21k (AugReg)",
-            )
-        )
-    timm_size = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-    hf_size = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-    for size in ("s", "b", "l", "g"):
-        for reg in (False, True):
-            arch = f"dinov2_vit{size}14"
-            extra: dict[str, Any] = dict(layerscale_init=1e-5)
-            if size == "g":
-                extra["mlp_kind"] = "swiglu"
-            if reg:
-                # The register models were released with antialiased, offset-free interpolation
-                # (hub: interpolate_antialias=True, interpolate_offset=0.0), which is timm's.
-                extra.update(num_registers=4, posemb_resample="timm")
-            else:
-                extra["posemb_resample"] = "dinov2"
-            timm_name = f"vit_{timm_size[size]}_patch14_" + ("reg4_" if reg else "") + "dinov2"
-            hf = f"facebook/dinov2-{hf_size[size]}"
-            if reg:
-                hf = f"facebook/dinov2-with-registers-{hf_size[size]}"
-            _register(
-                ModelSpec(
-                    name=f"vit_{size}14_dinov2" + ("_reg4" if reg else ""),
-                    kwargs=_arch(size, 14, 518, **extra),
-                    patch_size=14,
-                    image_size=518,
-                    family="dinov2",
-                    sources={
-                        "dinov2_hub": _DINOV2_URL.format(arch=arch, reg="_reg4" if reg else ""),
-                        "timm": f"{timm_name}.lvd142m",
-                        "hf": hf,
-                    },
-                    mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD,
-                    description=f"DINOv2 ViT-{size.upper()}/14"
-                    + (" with 4 registers" if reg else "")
-                    + " (self-supervised, LVD-142M)",
-                )
-            )
-
-
-_register_all()
+def list_aliases() -> dict[str, str]:
+    """Legacy variant names and the ``arch.tag`` each stands for."""
+    return dict(sorted(catalog.ALIASES.items()))
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered variant names matching a glob pattern, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Every name ``get_spec`` accepts (architectures, ``arch.tag``, legacy names), sorted."""
+    names = [*catalog.ARCHITECTURES, *list_pretrained(), *catalog.ALIASES]
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def get_spec(variant: str) -> ModelSpec:
-    """The registered spec of ``variant``; unknown names raise with the list of known ones."""
-    try:
-        return _REGISTRY[variant]
-    except KeyError:
-        raise ValueError(
-            f"Unknown model variant {variant!r}. Known variants: {', '.join(list_models())}"
-        ) from None
+    """The spec of an architecture, ``arch.tag`` or legacy name; unknown names raise."""
+    full = catalog.ALIASES.get(variant, variant)
+    arch_name, _, tag_name = full.partition(".")
+    arch = catalog.ARCHITECTURES.get(arch_name)
+    tags = catalog.TAGS.get(arch_name, {})
+    if arch is None or (tag_name and tag_name not in tags):
+        raise ConfigError(
+            f"Unknown model variant {variant!r}",
+            f"Known variants: {', '.join(list_models())}",
+        )
+    if not tag_name and tags:
+        tag_name = next(iter(tags))
+    kwargs = dict(arch.kwargs)
+    if tag_name:
+        tag = tags[tag_name]
+        kwargs["image_size"] = tag.image_size or kwargs["image_size"]
+        if tag.posemb_resample:
+            kwargs["posemb_resample"] = tag.posemb_resample
+        sources, mean, std = dict(tag.sources), tag.mean, tag.std
+        description = f"{arch.description}; {tag.description}"
+    else:
+        sources, mean, std, description = {}, arch.mean, arch.std, arch.description
+    return ModelSpec(
+        name=variant,
+        kwargs=kwargs,
+        patch_size=kwargs["patch_size"],
+        image_size=kwargs["image_size"],
+        family=arch.family,
+        sources=sources,
+        mean=mean,
+        std=std,
+        description=description,
+        arch=arch_name,
+        tag=tag_name or None,
+    )
 
 
 _OVERRIDABLE = {f.name for f in dataclasses.fields(VisionTransformer)} - {"num_classes", "parent"}
@@ -238,6 +148,8 @@ def model_kwargs(variant: str, **overrides: Any) -> dict[str, Any]:
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if "dtype" in kwargs:
         kwargs["dtype"] = _as_dtype(kwargs["dtype"])
+    if "lora_targets" in kwargs:
+        kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
     if kwargs["image_size"] % kwargs["patch_size"]:
         raise ValueError(
             f"image_size {kwargs['image_size']} is not a multiple of the patch size "
@@ -251,8 +163,9 @@ def create_model(variant: str, num_classes: int, **overrides: Any) -> VisionTran
 
     Overrides (``None`` means keep the variant's default): ``dtype`` (compute dtype; params stay
     float32), ``dropout``, ``drop_path``, ``remat``, ``head_zero_init``, ``num_registers``,
-    ``image_size`` (sets the stored position-embedding grid), ``attention_impl``, ...
-    ``num_classes=0`` builds a headless feature extractor.
+    ``image_size`` (sets the stored position-embedding grid), ``attention_impl``, ``pool``,
+    ``lora_rank``, ``lora_alpha``, ``lora_targets``, ... ``num_classes=0`` builds a headless
+    feature extractor.
     """
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
@@ -274,18 +187,23 @@ def count_params(variant: str, num_classes: int = 0, **overrides: Any) -> int:
 def flops_per_image(variant: str, image_size: int | None = None, num_classes: int = 0) -> float:
     """Forward GFLOPs for one image (matmuls only, 2 FLOPs per multiply-accumulate).
 
-    Counts the patch embedding, QKV/output projections, both attention matmuls, the MLP and the
-    head; norms, softmax and activations are ignored, as is conventional.
+    Counts the patch embedding, QKV/output projections, both attention matmuls, the MLP, the MAP
+    head and the classifier; norms, softmax, RoPE and activations are ignored, as is conventional.
     """
     spec = get_spec(variant)
-    k = spec.kwargs
+    k = {f.name: f.default for f in dataclasses.fields(VisionTransformer)} | spec.kwargs
     size = image_size or spec.image_size
     p, d, hidden = k["patch_size"], k["width"], k["mlp_dim"]
     if size % p:
         raise ValueError(f"image_size {size} is not a multiple of the patch size {p}")
     n = (size // p) ** 2
-    t = n + 1 + k.get("num_registers", 0)
-    mlp_macs = 3 * t * d * hidden if k.get("mlp_kind") == "swiglu" else 2 * t * d * hidden
+    t = n + int(k["class_token"]) + k["num_registers"]
+    mlp_macs = 3 * t * d * hidden if k["mlp_kind"] == "swiglu" else 2 * t * d * hidden
     block = 4 * t * d * d + 2 * t * t * d + mlp_macs
-    macs = n * p * p * 3 * d + k["depth"] * block + d * num_classes
+    macs = n * p * p * 3 * d + k["depth"] * block
+    if k["pool"] == "map":
+        # One probe query: its projection, keys/values of every token, output and the MLP.
+        macs += 2 * d * d + 2 * t * d * d + 2 * t * d + 2 * d * hidden
+    features = 2 * d if k["pool"] == "cls_mean" else d
+    macs += features * num_classes
     return 2.0 * macs / 1e9

@@ -1,8 +1,10 @@
-"""Vision Transformer in Flax Linen covering classic AugReg ViTs and DINOv2 (big_vision style).
+"""Vision Transformer in Flax Linen: AugReg ViTs, DINOv2, DINOv3 and SigLIP image towers.
 
 Parameters are a plain pytree; names follow big_vision (``embedding``, ``cls``, ``pos_embedding``,
-``block_N``, ``encoder_norm``, ``head``) so the AugReg ``.npz`` maps almost one to one and
-the converters in :mod:`cxrjax.models.convert` stay simple.
+``block_N``, ``encoder_norm``, ``map_head``, ``head``) so the AugReg ``.npz`` maps almost one to
+one and the converters in :mod:`cxrjax.models.convert` stay simple. The families differ only in
+options: learned absolute position embeddings (with or without a CLS token) or DINOv3's 2-D RoPE,
+a key bias or none, GELU (exact or tanh) or SwiGLU, and CLS, mean-patch or MAP pooling.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxrjax.models.lora import LORA_TARGETS, Projection, lora_scale
 from cxrjax.models.posemb import resample_posemb
+from cxrjax.models.rope import rope_tables
 
 Dtype = Any
+Rope = tuple[jnp.ndarray, jnp.ndarray] | None
+POOLS = ("cls", "mean", "cls_mean", "map")
 
 # big_vision's initialisers: these only matter when training from scratch.
 _dense_kernel_init = nn.initializers.xavier_uniform()
@@ -51,69 +57,95 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention`` (cuDNN on GPU)."""
+    """Multi-head self-attention through ``jax.nn.dot_product_attention`` (cuDNN on GPU).
+
+    ``key_bias=False`` drops the key bias (DINOv3 masks it to zero; softmax is invariant to it
+    anyway). ``rope`` rotates the patch tokens of queries and keys inside their projections.
+    """
 
     num_heads: int
     impl: str = "auto"
+    key_bias: bool = True
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    lora_targets: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, rope: Rope = None) -> jnp.ndarray:
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
-        def proj(name: str) -> jnp.ndarray:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
+        def proj(name: str, features: tuple[int, ...], axis: tuple[int, ...], **kw: Any):
+            return Projection(
+                features,
+                axis=axis,
                 kernel_init=_dense_kernel_init,
                 bias_init=nn.initializers.zeros,
+                lora_rank=self.lora_rank if name in self.lora_targets else 0,
+                lora_scale=self.lora_scale,
+                dtype=self.dtype,
                 name=name,
-            )(x)
+                **kw,
+            )
 
-        q, k, v = proj("query"), proj("key"), proj("value")
-        impl = None if self.impl == "auto" else self.impl
-        if self.impl == "auto" and jax.default_backend() == "gpu" and self.dtype != jnp.float32:
-            # jax defaults to the XLA path; cuDNN's flash kernel needs bf16/fp16 and must be asked.
-            impl = "cudnn"
-        y = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=_dense_kernel_init,
-            bias_init=nn.initializers.zeros,
-            name="out",
-        )(y)
+        heads = (self.num_heads, head_dim)
+        q = proj("query", heads, (-1,))(x, rope)
+        k = proj("key", heads, (-1,), use_bias=self.key_bias)(x, rope)
+        v = proj("value", heads, (-1,))(x)
+        y = jax.nn.dot_product_attention(q, k, v, implementation=_attention_impl(self))
+        return proj("out", (width,), (-2, -1))(y)
+
+
+def _attention_impl(module: nn.Module) -> str | None:
+    if module.impl != "auto":
+        return module.impl
+    if jax.default_backend() == "gpu" and module.dtype != jnp.float32:
+        # jax defaults to the XLA path; cuDNN's flash kernel needs bf16/fp16 and must be asked.
+        return "cudnn"
+    return None
 
 
 class Mlp(nn.Module):
-    """Transformer MLP: GELU (exact or tanh) or SwiGLU (DINOv2 ViT-g)."""
+    """Transformer MLP: GELU (exact or tanh) or SwiGLU (DINOv2 ViT-g, DINOv3 ViT-S+)."""
 
     hidden_dim: int
     kind: str = "gelu"
     gelu_approximate: bool = False
     dropout: float = 0.0
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    lora_targets: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        def dense(name: str, features: int) -> Projection:
+            return Projection(
+                (features,),
+                kernel_init=_dense_kernel_init,
+                bias_init=_dense_bias_init,
+                lora_rank=self.lora_rank if name in self.lora_targets else 0,
+                lora_scale=self.lora_scale,
+                dtype=self.dtype,
+                name=name,
+            )
+
         width = x.shape[-1]
-        dense = dict(dtype=self.dtype, kernel_init=_dense_kernel_init, bias_init=_dense_bias_init)
         if self.kind == "gelu":
-            h = nn.Dense(self.hidden_dim, name="fc1", **dense)(x)
+            h = dense("fc1", self.hidden_dim)(x)
             h = nn.gelu(h, approximate=self.gelu_approximate)
         elif self.kind == "swiglu":
-            # fc1 packs both halves, as timm's SwiGLUPacked and DINOv2's w12 do.
-            h = nn.Dense(2 * self.hidden_dim, name="fc1", **dense)(x)
+            # fc1 packs both halves (gate, then value), as timm's SwiGLUPacked and DINOv2's w12.
+            h = dense("fc1", 2 * self.hidden_dim)(x)
             h1, h2 = jnp.split(h, 2, axis=-1)
             h = nn.silu(h1) * h2
         else:
             raise ValueError(f"Unknown mlp kind {self.kind!r}; use 'gelu' or 'swiglu'")
         h = nn.Dropout(self.dropout)(h, deterministic)
-        h = nn.Dense(width, name="fc2", **dense)(h)
+        h = dense("fc2", width)(h)
         return nn.Dropout(self.dropout)(h, deterministic)
 
 
@@ -129,10 +161,14 @@ class Block(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str = "auto"
+    key_bias: bool = True
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    lora_targets: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, deterministic: bool, rope: Rope = None) -> jnp.ndarray:
         def norm(name: str) -> nn.LayerNorm:
             return nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name=name)
 
@@ -141,9 +177,17 @@ class Block(nn.Module):
                 return y
             return LayerScale(self.layerscale_init, dtype=self.dtype, name=name)(y)
 
-        y = Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype, name="attn")(
-            norm("norm1")(x)
+        lora = dict(
+            lora_rank=self.lora_rank, lora_scale=self.lora_scale, lora_targets=self.lora_targets
         )
+        y = Attention(
+            self.num_heads,
+            impl=self.attention_impl,
+            key_bias=self.key_bias,
+            dtype=self.dtype,
+            name="attn",
+            **lora,
+        )(norm("norm1")(x), rope)
         y = nn.Dropout(self.dropout)(y, deterministic)
         x = x + DropPath(self.drop_path)(scale("ls1", y), deterministic)
         y = Mlp(
@@ -153,19 +197,62 @@ class Block(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             name="mlp",
+            **lora,
         )(norm("norm2")(x), deterministic)
         return x + DropPath(self.drop_path)(scale("ls2", y), deterministic)
 
 
+class MAPHead(nn.Module):
+    """Multi-head attention pooling (big_vision ``MAPHead``, SigLIP's ``head``).
+
+    A learned probe attends over all tokens; a LayerNorm + MLP residual follows. Returns (B, D).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    gelu_approximate: bool = True
+    layernorm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        b, _, width = x.shape
+        head_dim = width // self.num_heads
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width))
+        probe = jnp.broadcast_to(probe, (b, 1, width)).astype(self.dtype)
+
+        def proj(name: str, features: tuple[int, ...], axis: tuple[int, ...]) -> Projection:
+            return Projection(
+                features, axis=axis, kernel_init=_dense_kernel_init, dtype=self.dtype, name=name
+            )
+
+        heads = (self.num_heads, head_dim)
+        q = proj("query", heads, (-1,))(probe)
+        k, v = proj("key", heads, (-1,))(x), proj("value", heads, (-1,))(x)
+        y = jax.nn.dot_product_attention(q, k, v)
+        y = proj("out", (width,), (-2, -1))(y)
+        h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="norm")(y)
+        y = y + Mlp(
+            self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype, name="mlp"
+        )(h, True)
+        return y[:, 0]
+
+
 class VisionTransformer(nn.Module):
-    """ViT with a CLS token, optional register tokens, final norm and a linear multi-label head.
+    """ViT with optional CLS and register tokens, final norm, pooling and a linear head.
 
-    ``num_classes=0`` builds a headless backbone that returns the normed CLS features.
+    ``num_classes=0`` builds a headless backbone that returns its pooled features.
 
-    ``image_size`` fixes the stored position-embedding grid; other inputs whose sides are
-    multiples of the patch size get the grid resampled on the fly by ``posemb_resample``, exactly
-    as the reference implementation of that family does (so a DINOv2 model kept at 518 px and fed
-    224 px images computes what the torch-hub model computes).
+    Position information: ``posemb="learned"`` (big_vision layout: one embedding per patch, plus
+    one for the CLS token when there is one) or ``"rope"`` (DINOv3: no stored embedding, any
+    grid). A learned ``image_size`` grid fed other inputs whose sides are multiples of the patch
+    size is resampled on the fly by ``posemb_resample``, exactly as the reference implementation
+    of that family does (so a DINOv2 model kept at 518 px and fed 224 px images computes what the
+    torch-hub model computes).
+
+    ``pool``: "cls" (the normed CLS token), "mean" (mean of the normed patch tokens), "cls_mean"
+    (both concatenated, DINOv2/v3's linear-probe features) or "map" (attention pooling, SigLIP).
+    ``lora_rank > 0`` adds LoRA adapters to the ``lora_targets`` projections of every block.
     """
 
     num_classes: int
@@ -177,20 +264,40 @@ class VisionTransformer(nn.Module):
     mlp_kind: str = "gelu"
     gelu_approximate: bool = False
     image_size: int = 224
+    class_token: bool = True
     num_registers: int = 0
+    posemb: str = "learned"
+    rope_base: float = 100.0
+    key_bias: bool = True
     layerscale_init: float | None = None
     layernorm_eps: float = 1e-6
     posemb_resample: str = "timm"
+    pool: str = "cls"
     dropout: float = 0.0
     drop_path: float = 0.0
     head_zero_init: bool = True
     remat: bool = False
     attention_impl: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("query", "value")
     dtype: Dtype = jnp.float32
 
-    def setup_check(self, images: jnp.ndarray) -> tuple[int, int]:
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the CLS token (if any) and the registers."""
+        return int(self.class_token) + self.num_registers
+
+    def patch_grid(self, images: jnp.ndarray) -> tuple[int, int]:
+        """The (rows, columns) patch grid of (B, H, W, 3) ``images``; checks the options too."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Expected images of shape (B, H, W, 3), got {images.shape}")
+        if self.pool not in POOLS or (self.pool in ("cls", "cls_mean") and not self.class_token):
+            raise ValueError(f"pool={self.pool!r} needs one of {POOLS} (cls needs a CLS token)")
+        if self.posemb not in ("learned", "rope"):
+            raise ValueError(f"posemb={self.posemb!r}: use 'learned' or 'rope'")
+        if set(self.lora_targets) - set(LORA_TARGETS):
+            raise ValueError(f"lora_targets {self.lora_targets}: choose from {LORA_TARGETS}")
         h, w = images.shape[1:3]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
@@ -203,8 +310,8 @@ class VisionTransformer(nn.Module):
     def __call__(
         self, images: jnp.ndarray, *, train: bool = False, return_features: bool = False
     ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
-        """Returns float32 logits (B, num_classes), and the normed CLS features when asked."""
-        gh, gw = self.setup_check(images)
+        """Returns float32 logits (B, num_classes), and the pooled features when asked."""
+        gh, gw = self.patch_grid(images)
         deterministic = not train
         x = nn.Conv(
             self.width,
@@ -216,29 +323,38 @@ class VisionTransformer(nn.Module):
         )(images.astype(self.dtype))
         b = x.shape[0]
         x = x.reshape(b, gh * gw, self.width)
-
-        grid = self.image_size // self.patch_size
-        posemb = self.param(
-            "pos_embedding",
-            nn.initializers.normal(stddev=0.02),
-            (1, 1 + grid * grid, self.width),
-        )
-        posemb = resample_posemb(posemb, 1, (gh, gw), self.posemb_resample, (grid, grid))
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype), x], 1)
-        x = x + posemb.astype(self.dtype)
+        n_cls = int(self.class_token)
+        posemb, rope = None, None
+        if self.posemb == "learned":
+            grid = self.image_size // self.patch_size
+            posemb = self.param(
+                "pos_embedding",
+                nn.initializers.normal(stddev=0.02),
+                (1, n_cls + grid * grid, self.width),
+            )
+            posemb = resample_posemb(posemb, n_cls, (gh, gw), self.posemb_resample, (grid, grid))
+        else:
+            head_dim = self.width // self.num_heads
+            rope = tuple(jnp.asarray(t) for t in rope_tables(gh, gw, head_dim, self.rope_base))
+        if self.class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+            cls = jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype)
+            x = jnp.concatenate([cls, x], 1)
+        if posemb is not None:
+            x = x + posemb.astype(self.dtype)
         if self.num_registers:
-            # Registers carry no position embedding and sit between CLS and patches (DINOv2).
+            # Registers carry no position embedding and sit between CLS and patches (DINOv2/v3).
             reg = self.param(
                 "registers", nn.initializers.normal(1e-6), (1, self.num_registers, self.width)
             )
             reg = jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(self.dtype)
-            x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+            x = jnp.concatenate([x[:, :n_cls], reg, x[:, n_cls:]], axis=1)
         x = nn.Dropout(self.dropout)(x, deterministic)
 
         block_cls: Callable[..., nn.Module] = Block
         if self.remat:
             block_cls = nn.remat(Block, static_argnums=(2,))
+        lora_rank = self.lora_rank
         for i in range(self.depth):
             # Stochastic-depth rate grows linearly with depth, as in timm and DINOv2.
             dpr = self.drop_path * i / max(self.depth - 1, 1)
@@ -252,13 +368,17 @@ class VisionTransformer(nn.Module):
                 dropout=self.dropout,
                 drop_path=dpr,
                 attention_impl=self.attention_impl,
+                key_bias=self.key_bias,
+                lora_rank=lora_rank,
+                lora_scale=lora_scale(lora_rank, self.lora_alpha) if lora_rank else 1.0,
+                lora_targets=tuple(self.lora_targets),
                 dtype=self.dtype,
                 name=f"block_{i}",
-            )(x, deterministic)
+            )(x, deterministic, rope)
         x = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="encoder_norm")(x)
-        features = x[:, 0].astype(jnp.float32)
+        features = self._pool(x).astype(jnp.float32)
         if not self.num_classes:
-            # A headless backbone (feature extraction) returns its CLS features as "logits".
+            # A headless backbone (feature extraction) returns its pooled features as "logits".
             return (features, features) if return_features else features
         head_init = nn.initializers.zeros if self.head_zero_init else _dense_kernel_init
         logits = nn.Dense(
@@ -271,3 +391,20 @@ class VisionTransformer(nn.Module):
         if return_features:
             return logits, features
         return logits
+
+    def _pool(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.pool == "map":
+            return MAPHead(
+                self.num_heads,
+                self.mlp_dim,
+                gelu_approximate=self.gelu_approximate,
+                layernorm_eps=self.layernorm_eps,
+                dtype=self.dtype,
+                name="map_head",
+            )(x)
+        patches = x[:, self.num_prefix_tokens :].mean(axis=1)
+        if self.pool == "mean":
+            return patches
+        if self.pool == "cls_mean":
+            return jnp.concatenate([x[:, 0], patches], axis=-1)
+        return x[:, 0]
