@@ -227,19 +227,38 @@ class Predictor:
         (multi-source runs). Multi-host: every process reads its share; all receive the whole
         split.
         """
+        if label_indices is None:
+            label_indices = list(range(len(self.label_names)))
+        outputs = list(range(len(self.label_names)) if output_indices is None else output_indices)
+        rows = self.split_outputs(info, split, "probs", batch_size, label_indices)
+        return Predictions(
+            labels=rows["labels"],
+            probs=rows["probs"][:, outputs],
+            label_names=[self.label_names[i] for i in outputs],
+            ids=rows["ids"],
+            mask=rows["mask"],
+            patients=rows["patients"],
+        )
+
+    def split_outputs(
+        self,
+        info: shards.DatasetInfo,
+        split: str,
+        output: str,
+        batch_size: int,
+        label_indices: Sequence[int],
+    ) -> dict[str, np.ndarray]:
+        """One forward output ("probs", "logits" or "features") of every example of a split,
+        with its labels, mask, ids and patients (see `predict_split` for `label_indices`)."""
         if info.image_size != self.image_size:
             raise ConfigError(
                 f"{info.directory} holds {info.image_size} px images; {self.source} takes "
                 f"{self.image_size} px",
                 f"Prepare the dataset with --size {self.image_size} (tools/prepare_data.py).",
             )
-        label_indices = list(
-            range(len(self.label_names)) if label_indices is None else label_indices
-        )
-        outputs = list(range(len(self.label_names)) if output_indices is None else output_indices)
         present = [j for j, column in enumerate(label_indices) if column >= 0]
         rows: dict[str, list] = {
-            k: [] for k in ("probs", "labels", "mask", "valid", "id", "patient")
+            k: [] for k in (output, "labels", "mask", "valid", "id", "patient")
         }
         data = sharding.data_sharding(self.mesh)
         batches = pipeline.eval_batches(
@@ -248,7 +267,7 @@ class Predictor:
         total = -(-info.splits[split]["num_examples"] // batch_size)
         for batch in console.progress(batches, total=total, desc=split, unit="batch", leave=False):
             image = jax.make_array_from_process_local_data(data, batch["image"])
-            rows["probs"].append(_gather(self._forward(self.params, image)["probs"]))
+            rows[output].append(_gather(self._forward(self.params, image)[output]))
             for key in ("labels", "mask", "valid"):
                 rows[key].append(_gather(batch[key]))
             for key in ("id", "patient"):
@@ -258,14 +277,13 @@ class Predictor:
         labels = np.zeros((int(valid.sum()), len(label_indices)), np.float32)
         mask = np.zeros(labels.shape, bool)
         labels[:, present], mask[:, present] = out["labels"][valid], out["mask"][valid]
-        return Predictions(
-            labels=labels,
-            probs=out["probs"][valid][:, outputs],
-            label_names=[self.label_names[i] for i in outputs],
-            ids=out["id"][valid],
-            mask=mask,
-            patients=out["patient"][valid],
-        )
+        return {
+            output: out[output][valid],
+            "labels": labels,
+            "mask": mask,
+            "ids": out["id"][valid],
+            "patients": out["patient"][valid],
+        }
 
 
 def read_radiographs(
