@@ -69,6 +69,13 @@ def _run(config) -> int:
                 patients=config.data.demo_patients,
                 image_size=config.data.demo_image_size,
             )
+    if config.get("objective") == "dino":
+        # Self-supervised pretraining (configs/ssl_pretrain*.py): no labels, no evaluation.
+        from cxrjax.ssl import trainer as ssl_trainer
+
+        ssl_trainer.pretrain(config, workdir)
+        console.say(f"results: {RunDir(workdir).results}")
+        return 0
     results = trainer.train_and_evaluate(config, workdir)
     for split in ("val", "test"):
         if split in results:

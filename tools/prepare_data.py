@@ -1,6 +1,6 @@
 """Turn a raw chest X-ray download into preprocessed, patient-level-split ArrayRecord shards.
 
-  python tools/prepare_data.py --dataset {vindr,chestxray14,chexpert,mimic,padchest,csv}
+  python tools/prepare_data.py --dataset {vindr,chestxray14,chexpert,mimic,padchest,csv,folder}
       --raw DIR --out DIR [--size 224] [--labels NAME... | SET] [--uncertain zeros|ones|mask]
       [--vindr-aggregation majority|any] [--csv FILE] [--threshold T]
       [--resize squash|pad] [--resample reduce|zoom] [--no-equalize] [--voi-lut]
@@ -62,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--uncertain", default="zeros", choices=("zeros", "ones", "mask"))
     p.add_argument("--vindr-aggregation", default="majority", choices=("majority", "any"))
-    p.add_argument("--csv", type=Path, help="csv dataset: labels CSV when --raw is the image root")
+    p.add_argument(
+        "--csv",
+        type=Path,
+        help="csv dataset: labels CSV when --raw is the image root;\n"
+        "folder dataset (unlabeled images): optional CSV of path, patient_id",
+    )
     p.add_argument("--threshold", type=float, help="csv dataset: grade >= threshold is positive")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--resize", default="squash", choices=RESIZE_MODES)
@@ -103,6 +108,14 @@ def read_table(args: argparse.Namespace) -> RawTable:
                 "name the label columns of the CSV",
             )
         table = READERS["csv"](args.raw, csv=args.csv, labels=labels, threshold=args.threshold)
+    elif args.dataset == "folder":
+        # Unlabeled images for self-supervised pretraining; --csv optionally names patients.
+        if labels is not None or args.threshold is not None:
+            raise ConfigError(
+                "--dataset folder has no labels: --labels and --threshold do not apply",
+                "drop them (--csv may give the images' patient_id)",
+            )
+        table = READERS["folder"](args.raw, csv=args.csv)
     else:
         if args.csv is not None or args.threshold is not None:
             raise ConfigError(

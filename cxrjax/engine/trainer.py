@@ -155,7 +155,7 @@ def _train(
         train_iter.set_state(iterator_state)
         console.say(f"resumed from step {int(state['step'])} in {run.path}")
     writer = MetricWriter(run.tensorboard)
-    preemption = _Preemption()
+    preemption = Preemption()
     batches = pipeline.prefetch_to_device(train_iter, data_sharding)
 
     # ---------------------------------------------------------------- loop
@@ -172,7 +172,7 @@ def _train(
             bar.update(1)
             finite_flags.append(metrics.pop("finite"))
             if step % config.log_every_steps == 0 or step == total_steps:
-                _check_finite(finite_flags, step, config.nonfinite, ckpt)
+                check_finite(finite_flags, step, config.nonfinite, ckpt)
                 finite_flags = []
                 elapsed = time.time() - timer
                 scalars = {k: float(v) for k, v in metrics.items()}
@@ -186,8 +186,11 @@ def _train(
                         "epoch": step / steps_per_epoch,
                     },
                 )
+                # No redraw of its own: in logs the bar then adds a line only every few seconds.
                 bar.set_postfix(
-                    epoch=f"{step / steps_per_epoch:.1f}", loss=f"{scalars['loss']:.4f}"
+                    epoch=f"{step / steps_per_epoch:.1f}",
+                    loss=f"{scalars['loss']:.4f}",
+                    refresh=False,
                 )
                 timer, steps_timed = time.time(), 0
             # Validation and an epoch-end checkpoint every `eval_every_epochs`, and at the end.
@@ -328,7 +331,7 @@ def _describe_parameters(run: RunDir, params: Any, primary: bool) -> None:
     console.say(f"model: {count:,} parameters ({size / 2**20:.1f} MiB), table in {run.parameters}")
 
 
-class _Preemption:
+class Preemption:
     """Turns SIGTERM/SIGINT into a flag the loop checks: the step in flight finishes, then saves."""
 
     def __init__(self):
@@ -353,7 +356,7 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def _check_finite(flags: list, step: int, policy: str, ckpt: checkpoint.Checkpointer) -> None:
+def check_finite(flags: list, step: int, policy: str, ckpt: checkpoint.Checkpointer) -> None:
     """Non-finite steps were skipped in the step itself; `stop` ends the run naming the step."""
     bad = np.flatnonzero(~np.asarray(jax.device_get(flags), bool))
     if not len(bad):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from cxrjax.data.datasets._common import MetadataError
 from cxrjax.data.datasets.chestxray14 import read_chestxray14
 from cxrjax.data.datasets.chexpert import read_chexpert
+from cxrjax.data.datasets.folder import read_folder
 from cxrjax.data.datasets.generic_csv import read_csv
 from cxrjax.data.datasets.mimic import read_mimic
 from cxrjax.data.datasets.padchest import read_padchest
@@ -24,6 +25,7 @@ READERS: dict[str, Callable[..., RawTable]] = {
     "mimic": read_mimic,
     "padchest": read_padchest,
     "csv": read_csv,
+    "folder": read_folder,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "read_chestxray14",
     "read_chexpert",
     "read_csv",
+    "read_folder",
     "read_mimic",
     "read_padchest",
     "read_vindr",

@@ -1,0 +1,228 @@
+"""The SSL state and the function that runs on the device: multi-crop forward, loss, update, EMA.
+
+State (a plain dict pytree, sharded like fine-tuning's): `step`; `student` = {"backbone",
+"dino_head", ["ibot_head"], "mask_token"}; `teacher` = the same without the mask token, never
+differentiated, updated inside the step as m * teacher + (1 - m) * student with the scheduled
+momentum m; `opt_state` (the student's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cxrjax import sharding
+from cxrjax.engine.step import normalize
+from cxrjax.models.pretrained import load_pretrained
+from cxrjax.models.weights import flatten, read_weights, unflatten
+from cxrjax.ssl import objective
+from cxrjax.ssl.heads import DINOHead
+from cxrjax.ssl.multicrop import CropOptions
+from cxrjax.ssl.schedules import Schedules
+
+HEADS = ("dino_head", "ibot_head")
+
+
+def build_heads(config: ml_collections.ConfigDict) -> dict[str, DINOHead]:
+    """The DINO head, and iBOT's own head when `ssl.ibot_separate_head` (else it shares)."""
+    s = config.ssl
+    head = DINOHead(
+        num_prototypes=s.prototypes,
+        hidden_dim=s.head_hidden_dim,
+        bottleneck_dim=s.head_bottleneck_dim,
+        nlayers=s.head_layers,
+        dtype=jnp.dtype(config.model.dtype),
+    )
+    heads = {"dino_head": head}
+    if s.ibot_separate_head:
+        heads["ibot_head"] = head.clone(num_prototypes=s.ibot_prototypes or s.prototypes)
+    return heads
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    heads: dict[str, DINOHead],
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+) -> tuple[dict, dict, str | None]:
+    """(sharded state, its shardings, the pretrained-weights report or None)."""
+    size = config.crops.global_size
+
+    def student_init(r):
+        r_backbone, r_heads = jax.random.split(r)
+        backbone = model.init({"params": r_backbone}, jnp.zeros((1, size, size, 3)))["params"]
+        student = {"backbone": backbone, "mask_token": jnp.zeros((model.width,), jnp.float32)}
+        for i, (name, head) in enumerate(heads.items()):
+            features = jnp.zeros((1, model.width))
+            student[name] = head.init(jax.random.fold_in(r_heads, i), features)["params"]
+        return student
+
+    def state_from(student):
+        teacher = {k: v for k, v in student.items() if k != "mask_token"}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "student": student,
+            "teacher": teacher,
+            "opt_state": tx.init(student),
+        }
+
+    init = lambda r: state_from(student_init(r))  # noqa: E731
+    shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp=config.fsdp)
+    student = jax.jit(student_init)(rng)
+    report = None
+    if config.model.init_from:
+        student, report = _load(config, jax.device_get(student), size)
+    state = jax.jit(state_from, out_shardings=shardings)(student)
+    return state, shardings, report
+
+
+def _load(config: ml_collections.ConfigDict, student: dict, size: int) -> tuple[dict, str]:
+    """The backbone from converted weights (or an SSL run directory); heads too when the
+    weights hold them under `dino_head/` and `ibot_head/` with matching shapes."""
+    path = config.model.init_from
+    backbone, report = load_pretrained(
+        path, student["backbone"], variant=config.model.variant, image_size=size
+    )
+    student = {**student, "backbone": backbone}
+    flat, _ = read_weights(path)
+    lines = [f"pretrained weights from {path}:", str(report)]
+    for name in HEADS:
+        if name not in student:
+            continue
+        target = flatten(student[name])
+        found = {k: flat.get(f"{name}/{k}") for k in target}
+        if all(v is not None and v.shape == target[k].shape for k, v in found.items()):
+            student[name] = unflatten({k: np.asarray(v, np.float32) for k, v in found.items()})
+            lines.append(f"  {name}: loaded from the weights")
+        else:
+            lines.append(f"  {name}: initialised at random (not in the weights, or other shapes)")
+    return student, "\n".join(lines)
+
+
+def make_ssl_step(
+    model: Any,
+    heads: dict[str, DINOHead],
+    tx: optax.GradientTransformation,
+    schedules: Schedules,
+    crops: CropOptions,
+    ssl: ml_collections.ConfigDict,
+    mean: jax.Array,
+    std: jax.Array,
+    base_rng: jax.Array,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """(state, batch) -> (state, metrics). A non-finite loss or gradient skips the update."""
+    loss_fn = make_loss(model, heads, crops, ssl, mean, std)
+
+    def ssl_step(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(base_rng, step)
+        temp = schedules.teacher_temp(step)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["student"], state["teacher"], batch, rng, temp
+        )
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
+        student = optax.apply_updates(state["student"], updates)
+        m = schedules.momentum(step)
+        teacher = jax.tree.map(
+            lambda t, s: m * t + (1 - m) * s,
+            state["teacher"],
+            {k: student[k] for k in state["teacher"]},
+        )
+        new = {"step": step + 1, "student": student, "teacher": teacher, "opt_state": opt_state}
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new["step"] = step + 1
+        metrics = {
+            "loss": loss,
+            **parts,
+            "grad_norm": grad_norm,
+            "learning_rate": schedules.lr(step),
+            "weight_decay": schedules.wd(step),
+            "teacher_momentum": m,
+            "teacher_temp": temp,
+            "finite": finite,
+        }
+        return new, metrics
+
+    return ssl_step
+
+
+def make_loss(
+    model: Any,
+    heads: dict[str, DINOHead],
+    crops: CropOptions,
+    ssl: ml_collections.ConfigDict,
+    mean: jax.Array,
+    std: jax.Array,
+) -> Callable[..., tuple[jax.Array, dict]]:
+    """(student, teacher, batch, rng, teacher_temp) -> (loss, its parts); the teacher's outputs
+    are constants (stop_gradient), so the gradient is the student's alone."""
+    prefix = model.num_prefix_tokens
+    ibot_name = "ibot_head" if "ibot_head" in heads else "dino_head"
+    dino_head, ibot_head = heads["dino_head"], heads[ibot_name]
+    slots = crops.max_masked
+
+    def gather(tokens, index):
+        return jnp.take_along_axis(tokens[:, prefix:], index[..., None], axis=1)
+
+    def loss_fn(student, teacher, batch, rng, temp):
+        b = batch["global"].shape[0]
+        g = crops.global_size
+        images = normalize(batch["global"].reshape(b * 2, g, g), mean, std)
+        masks = batch["mask"].reshape(b * 2, -1)
+        # Slots 0..count-1 of each crop hold its masked patches (the rest is padding).
+        index = jax.vmap(lambda m: jnp.nonzero(m, size=slots, fill_value=0)[0])(masks)
+        valid = jnp.arange(slots) < jnp.sum(masks, axis=1, keepdims=True)
+        r_global, r_local = jax.random.split(rng)
+
+        t_tokens = objective.encode(model, teacher["backbone"], images, train=False)
+        t_cls = dino_head.apply({"params": teacher["dino_head"]}, t_tokens[:, 0])
+        t_cls = objective.sinkhorn_knopp(t_cls, temp, ssl.sinkhorn_iterations)
+        targets = jax.lax.stop_gradient(t_cls.reshape(b, 2, -1))
+
+        s_tokens = objective.encode(
+            model,
+            student["backbone"],
+            images,
+            train=True,
+            rng=r_global,
+            masks=masks,
+            mask_token=student["mask_token"],
+        )
+        s_global = dino_head.apply({"params": student["dino_head"]}, s_tokens[:, 0])
+        s_local = None
+        if crops.num_local:
+            size = crops.local_size
+            local = normalize(batch["local"].reshape(b * crops.num_local, size, size), mean, std)
+            l_tokens = objective.encode(model, student["backbone"], local, train=True, rng=r_local)
+            s_local = dino_head.apply({"params": student["dino_head"]}, l_tokens[:, 0])
+            s_local = s_local.reshape(b, crops.num_local, -1)
+        dino = objective.dino_loss(s_global.reshape(b, 2, -1), s_local, targets, ssl.student_temp)
+        loss, parts = ssl.dino_weight * dino, {"dino_loss": dino}
+
+        if ssl.ibot_weight:
+            t_patch = ibot_head.apply({"params": teacher[ibot_name]}, gather(t_tokens, index))
+            k = t_patch.shape[-1]
+            t_patch = objective.sinkhorn_knopp(
+                t_patch.reshape(-1, k), temp, ssl.sinkhorn_iterations, valid.reshape(-1)
+            )
+            t_patch = jax.lax.stop_gradient(t_patch.reshape(b * 2, slots, k))
+            s_patch = ibot_head.apply({"params": student[ibot_name]}, gather(s_tokens, index))
+            ibot = objective.ibot_loss(s_patch, t_patch, valid, ssl.student_temp)
+            loss, parts["ibot_loss"] = loss + ssl.ibot_weight * ibot, ibot
+        if ssl.koleo_weight:
+            cls = s_tokens[:, 0].reshape(b, 2, -1)
+            koleo = objective.koleo_loss(cls[:, 0]) + objective.koleo_loss(cls[:, 1])
+            loss, parts["koleo_loss"] = loss + ssl.koleo_weight * koleo, koleo
+        return loss, parts
+
+    return loss_fn

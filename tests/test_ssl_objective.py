@@ -1,0 +1,162 @@
+"""The DINOv2 objective against direct numpy references, and the teacher as the student's EMA."""
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cxrjax.ssl import objective
+
+
+def _numpy_sinkhorn(scores, temp, iterations=3):
+    """DINOv2's sinkhorn_knopp_teacher, line by line, in float64."""
+    q = np.exp(scores / temp).T  # K x B
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    q *= b
+    return q.T
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_sinkhorn_knopp_matches_numpy_and_normalises():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(-1, 1, (12, 7))
+    got = np.asarray(objective.sinkhorn_knopp(jnp.asarray(scores, jnp.float32), 0.07, 3))
+    want = _numpy_sinkhorn(scores, 0.07)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Rows (samples) are distributions; iterated on, prototypes are used equally (B / K each).
+    np.testing.assert_allclose(got.sum(1), 1, rtol=1e-5)
+    converged = np.asarray(objective.sinkhorn_knopp(jnp.asarray(scores, jnp.float32), 0.07, 200))
+    np.testing.assert_allclose(converged.sum(0), 12 / 7, rtol=1e-3)
+
+
+def test_sinkhorn_knopp_ignores_invalid_rows():
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(-1, 1, (10, 5))
+    valid = np.arange(10) < 6
+    got = np.asarray(objective.sinkhorn_knopp(jnp.asarray(scores), 0.1, 3, jnp.asarray(valid)))
+    np.testing.assert_allclose(got[:6], _numpy_sinkhorn(scores[:6], 0.1), rtol=1e-4, atol=1e-6)
+    assert not got[6:].any()
+
+
+def test_dino_loss_equals_numpy_cross_entropy():
+    rng = np.random.default_rng(2)
+    b, n, k, temp = 3, 4, 6, 0.1
+    s_global, s_local = rng.normal(size=(b, 2, k)), rng.normal(size=(b, n, k))
+    t = rng.dirichlet(np.ones(k), size=(b, 2))
+    pairs = []
+    for i in range(2):  # student global crop i against the teacher's other global crop
+        pairs.append(-(t[:, 1 - i] * _log_softmax(s_global[:, i] / temp)).sum(-1).mean())
+    for j in range(n):
+        for i in range(2):
+            pairs.append(-(t[:, i] * _log_softmax(s_local[:, j] / temp)).sum(-1).mean())
+    got = objective.dino_loss(jnp.asarray(s_global), jnp.asarray(s_local), jnp.asarray(t), temp)
+    np.testing.assert_allclose(float(got), np.mean(pairs), rtol=1e-5)
+
+
+def test_ibot_loss_only_over_masked_patches():
+    rng = np.random.default_rng(3)
+    images, slots, k, temp = 4, 5, 6, 0.1
+    s, t = rng.normal(size=(images, slots, k)), rng.dirichlet(np.ones(k), size=(images, slots))
+    valid = np.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5, [1, 1, 1, 1, 1]], bool)
+    ce = -(t * _log_softmax(s / temp)).sum(-1)
+    want = np.mean([ce[i][valid[i]].mean() if valid[i].any() else 0.0 for i in range(images)])
+    got = objective.ibot_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid), temp)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # Changing the student at unmasked slots changes nothing.
+    s2 = np.where(valid[..., None], s, rng.normal(size=s.shape))
+    got2 = objective.ibot_loss(jnp.asarray(s2), jnp.asarray(t), jnp.asarray(valid), temp)
+    assert float(got2) == pytest.approx(float(got), rel=1e-6)
+
+
+def test_koleo_equals_nearest_neighbour_reference():
+    x = np.random.default_rng(4).normal(size=(9, 5))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.linalg.norm(u[:, None] - u[None], axis=-1) + np.diag(np.full(9, np.inf))
+    want = -np.log(d.min(1) + 1e-8).mean()
+    np.testing.assert_allclose(float(objective.koleo_loss(jnp.asarray(x))), want, rtol=1e-4)
+
+
+def _depends_on_inputs(closed, which):
+    """Whether each output of a jaxpr depends on the inputs at positions `which`."""
+    jaxpr = closed.jaxpr
+    dependent = {v for i, v in enumerate(jaxpr.invars) if i in which}
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, jex_core.Literal) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+    return [not isinstance(v, jex_core.Literal) and v in dependent for v in jaxpr.outvars]
+
+
+def test_teacher_gets_no_gradient():
+    """The gradient with respect to the teacher is a constant (zero): nothing flows back."""
+    from cxrjax.models import create_model
+    from cxrjax.ssl.config import ssl_base_config
+    from cxrjax.ssl.step import build_heads, make_loss
+    from cxrjax.ssl.trainer import _student_shapes, crop_options
+
+    c = ssl_base_config("t")
+    c.crops.global_size, c.crops.local_size, c.crops.num_local = 16, 8, 1
+    c.ssl.prototypes, c.ssl.head_hidden_dim, c.ssl.head_bottleneck_dim = 16, 16, 8
+    model = create_model("vit_tiny_demo", 0, image_size=16, dtype="float32")
+    heads = build_heads(c)
+    loss_fn = make_loss(model, heads, crop_options(c, 8), c.ssl, jnp.zeros(3), jnp.ones(3))
+    student = jax.eval_shape(lambda: _student_shapes(model, heads, 16))
+    teacher = {k: v for k, v in student.items() if k != "mask_token"}
+    batch = {
+        "global": jax.ShapeDtypeStruct((4, 2, 16, 16), jnp.uint8),
+        "local": jax.ShapeDtypeStruct((4, 1, 8, 8), jnp.uint8),
+        "mask": jax.ShapeDtypeStruct((4, 2, 4), jnp.bool_),
+    }
+
+    def grads(student, teacher, batch):
+        return jax.grad(lambda s, t: loss_fn(s, t, batch, jax.random.key(0), 0.05)[0], (0, 1))(
+            student, teacher
+        )
+
+    closed = jax.make_jaxpr(grads)(student, teacher, batch)
+    n_student = len(jax.tree.leaves(student))
+    inputs = range(len(closed.jaxpr.invars))
+    flows = _depends_on_inputs(closed, set(inputs))
+    student_grads, teacher_grads = flows[:n_student], flows[n_student:]
+    assert len(teacher_grads) == len(jax.tree.leaves(teacher))
+    assert not any(teacher_grads), "a teacher gradient depends on the inputs"
+    assert all(student_grads), "a student gradient is a constant"
+
+
+def test_schedules_follow_dinov2():
+    from cxrjax.ssl import schedules
+
+    s = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            min_lr=1e-6,
+            warmup_epochs=1,
+            wd=0.04,
+            wd_end=0.2,
+            momentum=0.992,
+            warmup_teacher_temp=0.04,
+            teacher_temp=0.07,
+            teacher_temp_warmup_epochs=2,
+        )
+    )
+    sch = schedules.make_schedules(s, total_steps=101, steps_per_epoch=10)
+    assert float(sch.momentum(0)) == pytest.approx(0.992)
+    assert float(sch.momentum(100)) == pytest.approx(1.0, abs=1e-4)
+    assert float(sch.wd(0)) == pytest.approx(0.04)
+    assert float(sch.wd(100)) == pytest.approx(0.2, abs=1e-3)
+    assert float(sch.teacher_temp(0)) == pytest.approx(0.04)
+    assert float(sch.teacher_temp(10)) == pytest.approx(0.055)
+    assert float(sch.teacher_temp(50)) == pytest.approx(0.07)
+    assert float(sch.lr(0)) == 0 and float(sch.lr(10)) == pytest.approx(1e-3)
+    assert float(sch.lr(100)) == pytest.approx(1e-6, abs=1e-6)
