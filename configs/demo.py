@@ -7,7 +7,7 @@ from cxrjax.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, patients="1000", size="64", epochs="28")
+    args = parse_arg(arg, patients="1000", size="64", epochs="20")
     c = base_config("demo", "csv")
     c.data.dir = ""  # empty: <workdir>/data, generated on first run
     c.data.demo_patients = int(args["patients"])
