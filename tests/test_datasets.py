@@ -40,7 +40,8 @@ def _row(table, image_id: str) -> pd.Series:
 
 
 def test_registry_names_every_dataset():
-    assert set(READERS) == {"vindr", "chestxray14", "chexpert", "mimic", "padchest", "csv", "folder"}
+    expected = {"vindr", "chestxray14", "chexpert", "mimic", "padchest", "csv", "folder"}
+    assert set(READERS) == expected
 
 
 # --- generic csv -------------------------------------------------------------------------------
