@@ -100,3 +100,37 @@ class _Lines:
 
     def flush(self) -> None:
         self._stream.flush()
+
+
+def run_cli(
+    doc: str,
+    fv: Any,
+    argv: list[str] | None,
+    body: Any,
+    *,
+    rewrite: Any = None,
+) -> int:
+    """The entry of the flag-based command-line tools (`predict`, `evaluate`, `embed`).
+
+    `--help` prints `doc` and the flags; otherwise library logging is quieted, the flags in
+    `fv` (an `absl.flags.FlagValues`) are parsed, each argument first passed through `rewrite`
+    when given, and `body(fv, positional_args)` returns the exit status. A bad flag or a
+    `CxrjaxError` prints `error: ...` with its fix and returns 2, never a traceback.
+    """
+    from absl import flags
+
+    from cxrjax.errors import ConfigError, CxrjaxError, report_and_exit
+
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(doc)
+        print(fv.get_help())
+        return 0
+    configure(verbose=False)
+    try:
+        positional = fv([argv[0], *(map(rewrite, argv[1:]) if rewrite else argv[1:])])[1:]
+        return body(fv, positional)
+    except flags.Error as e:
+        return report_and_exit(ConfigError(str(e), "See --help."))
+    except CxrjaxError as e:
+        return report_and_exit(e)

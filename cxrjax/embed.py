@@ -26,7 +26,7 @@ from cxrjax import console
 from cxrjax.data.images import ImageReadError, find_images
 from cxrjax.engine.inference import Predictor, read_radiographs
 from cxrjax.engine.step import NORMALIZATIONS
-from cxrjax.errors import ConfigError, CxrjaxError, report_and_exit
+from cxrjax.errors import ConfigError
 
 
 def _flag_values() -> flags.FlagValues:
@@ -101,35 +101,26 @@ def run(
     return out_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
-    console.configure(verbose=False)
-    try:
-        fv(argv)
-        if not (fv.checkpoint and fv.input and fv.out):
-            raise ConfigError(
-                "--checkpoint, --input and --out are required",
-                "python -m cxrjax.embed --checkpoint C --input X --out F.npy",
-            )
-        path = run(
-            fv.checkpoint,
-            fv.input,
-            fv.out,
-            which=fv.which,
-            normalization=fv.normalization,
-            batch_size=fv.batch_size,
+def _main(fv: flags.FlagValues, positional: list[str]) -> int:
+    if not (fv.checkpoint and fv.input and fv.out):
+        raise ConfigError(
+            "--checkpoint, --input and --out are required",
+            "python -m cxrjax.embed --checkpoint C --input X --out F.npy",
         )
-    except flags.Error as e:
-        return report_and_exit(ConfigError(str(e), "See --help."))
-    except CxrjaxError as e:
-        return report_and_exit(e)
+    path = run(
+        fv.checkpoint,
+        fv.input,
+        fv.out,
+        which=fv.which,
+        normalization=fv.normalization,
+        batch_size=fv.batch_size,
+    )
     print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return console.run_cli(__doc__, _flag_values(), argv, _main)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Evaluate a run: AUROC, AUPRC, calibration and operating points with bootstrap statistics.
 
+(Over ~400 lines on purpose: it is the one command-line front of the evaluation package; the
+metrics themselves live in cxrjax/evaluation/.)
+
   python -m cxrjax.evaluate --predictions P.npz [--out DIR] [--bootstrap 1000] [--seed 0]
       [--by-patient]
   python -m cxrjax.evaluate --workdir W [--split test] [--checkpoint best|latest] [...]
@@ -39,7 +42,7 @@ from absl import flags
 
 from cxrjax import console
 from cxrjax.data.table import ATTRIBUTES_FILE, read_attributes
-from cxrjax.errors import ConfigError, CxrjaxError, MissingInputError, report_and_exit
+from cxrjax.errors import ConfigError, MissingInputError
 from cxrjax.evaluation import bootstrap as bs
 from cxrjax.evaluation import calibration, delong, operating_points, subgroups
 from cxrjax.evaluation.predictions import Predictions, load_predictions, save_predictions
@@ -464,21 +467,11 @@ def _underscore_flag(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
-    console.configure(verbose=False)
-    try:
-        fv([argv[0], *map(_underscore_flag, argv[1:])])
+    def body(fv: flags.FlagValues, positional: list[str]) -> int:
         run(fv)
-    except flags.Error as e:
-        return report_and_exit(ConfigError(str(e), "See --help."))
-    except CxrjaxError as e:
-        return report_and_exit(e)
-    return 0
+        return 0
+
+    return console.run_cli(__doc__, _flag_values(), argv, body, rewrite=_underscore_flag)
 
 
 if __name__ == "__main__":

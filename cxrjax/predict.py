@@ -28,7 +28,7 @@ from PIL import Image
 from cxrjax import console
 from cxrjax.data.images import ImageReadError, find_images
 from cxrjax.engine.inference import Predictor, read_radiographs
-from cxrjax.errors import ConfigError, CxrjaxError, report_and_exit
+from cxrjax.errors import ConfigError
 from cxrjax.evaluation import rollout
 
 CSV_FILE = "predictions.csv"
@@ -202,20 +202,7 @@ def run(fv: flags.FlagValues, files: Sequence[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
-    console.configure(verbose=False)
-    try:
-        files = fv(argv)[1:]
-        return run(fv, files)
-    except flags.Error as e:
-        return report_and_exit(ConfigError(str(e), "See --help."))
-    except CxrjaxError as e:
-        return report_and_exit(e)
+    return console.run_cli(__doc__, _flag_values(), argv, run)
 
 
 if __name__ == "__main__":

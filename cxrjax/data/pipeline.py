@@ -1,5 +1,8 @@
 """Prepared shards -> batches: the grain pipelines for training and evaluation.
 
+(Over ~400 lines on purpose: the training stream, its counter-based augmentation and label-noise
+draws and the evaluation stream share the record decoding and the per-process row rule.)
+
 Images stay uint8 on the host (normalisation happens on the device inside the jitted step).
 
 Training: epoch e is one seeded permutation of the training examples, cut into global batches of

@@ -1,5 +1,7 @@
 """Vision Transformer in Flax Linen: AugReg ViTs, DINOv2, DINOv3 and SigLIP image towers.
 
+(Slightly over ~400 lines: one module per transformer part, kept beside the model that uses them.)
+
 Parameters are a plain pytree; names follow big_vision (``embedding``, ``cls``, ``pos_embedding``,
 ``block_N``, ``encoder_norm``, ``map_head``, ``head``) so the AugReg ``.npz`` maps almost one to
 one and the converters in :mod:`cxrjax.models.convert` stay simple. The families differ only in
