@@ -2,12 +2,13 @@
 
 `checkpoints/<step>/` holds the full train state and ONE shared data-iterator file (the next
 global step and what it is valid for); `best/<step>/` holds the parameters with the highest
-validation mean AUROC. The data state does not depend on the number of processes (every process
-derives its rows of a global batch from the step), so it is written once by process 0 and read
-by all, as maxtext does: a checkpoint written by 2 processes resumes on 1 and vice versa, and
-parameters restore onto whatever shardings the new topology asks for. grain's own handler keeps
-one file per process (`process_{i}-of-{n}.json`) and would tie a checkpoint to its process count;
-checkpoints written that way are still read.
+score (`score_name`: validation mean AUROC when fine-tuning; an SSL run names its own, one name
+per run, so a reader ranks by whichever the run wrote). The data state does not depend on the
+number of processes (every process derives its rows of a global batch from the step), so it is
+written once by process 0 and read by all, as maxtext does: a checkpoint written by 2 processes
+resumes on 1 and vice versa, and parameters restore onto whatever shardings the new topology
+asks for. grain's own handler keeps one file per process (`process_{i}-of-{n}.json`) and would
+tie a checkpoint to its process count; checkpoints written that way are still read.
 
 Saves are asynchronous; orbax commits a step only after every file is written (a tmp directory
 renamed at the end), so a `kill -9` during a save leaves the previous step restorable.
@@ -28,7 +29,15 @@ _DATA_FILE = "iterator_state.json"
 
 
 class Checkpointer:
-    def __init__(self, run: RunDir, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        score_name: str = "val_mean_auroc",
+    ):
+        self.score_name = score_name
         self.latest = ocp.CheckpointManager(
             run.checkpoints,
             options=ocp.CheckpointManagerOptions(
@@ -44,7 +53,8 @@ class Checkpointer:
             run.best,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
-                best_fn=lambda metrics: metrics["val_mean_auroc"],
+                # A run's best/ holds one score name, whichever objective wrote it.
+                best_fn=lambda metrics: next(iter(metrics.values())),
                 best_mode="max",
                 keep_checkpoints_without_metrics=False,
                 enable_async_checkpointing=async_save,
@@ -63,7 +73,7 @@ class Checkpointer:
             force=True,
         )
 
-    def save_best(self, step: int, params: Any, val_mean_auroc: float) -> None:
+    def save_best(self, step: int, params: Any, score: float) -> None:
         if step in self.best.all_steps():
             # A run killed after this save but before the step's train state was committed
             # repeats the step on resume; the parameters (and so the score) are the same.
@@ -71,7 +81,7 @@ class Checkpointer:
         self.best.save(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-            metrics={"val_mean_auroc": float(val_mean_auroc)},
+            metrics={self.score_name: float(score)},
             force=True,
         )
 

@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cxrjax.engine import run as engine_run
 from cxrjax.errors import Preempted
 from cxrjax.ssl import trainer as ssl_trainer
 from cxrjax.ssl.config import ssl_base_config
@@ -73,11 +74,11 @@ def test_resume_after_preemption_is_bitwise(tiny_shards, straight_run, tmp_path,
     straight, results = straight_run
     assert results["steps"] == 7 and np.isfinite(results["final"]["loss"])
 
-    class StopAtStep3(ssl_trainer.Preemption):
+    class StopAtStep3(engine_run.Preemption):
         def should_stop(self, step):
             return step == 3
 
-    monkeypatch.setattr(ssl_trainer, "Preemption", StopAtStep3)
+    monkeypatch.setattr(engine_run, "Preemption", StopAtStep3)
     with pytest.raises(Preempted):
         ssl_trainer.pretrain(_config(tiny_shards), tmp_path)
     monkeypatch.undo()

@@ -1,6 +1,8 @@
 """The trainer's data phase: one prepared dataset (`config.data.dir`) or several
 (`config.data.sources`), their labels, the training stream and the evaluation splits.
 
+Both are a `TrainingData` (`SingleDataset`, `Mixture`): the trainer never asks which.
+
 With several sources the run's labels are the union of their canonical labels, the stream is
 the seeded mixture of `cxrjax.data.mixture`, and every source is validated and tested on its
 own (plus pooled). Model selection then uses the mean over sources of each source's mean AUROC
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Protocol
 
 import ml_collections
 import numpy as np
@@ -35,9 +38,8 @@ def open_prepared(directory: str | Path, dataset: str = "DATASET") -> shards.Dat
         ) from None
 
 
-@dataclasses.dataclass
-class TrainingData:
-    """The sources of a run and how each one's label columns map to the run's labels.
+class TrainingData(Protocol):
+    """What the trainer asks of its data, whether one dataset or a mixture of several.
 
     `columns[s][j]` is source s's column of run label j, or -1 where it lacks that label.
     """
@@ -45,7 +47,29 @@ class TrainingData:
     infos: list[shards.DatasetInfo]
     label_names: list[str]
     columns: list[list[int]]
-    sources: list[mixture.Source] | None  # None: a single dataset, the study's path
+    selection_rule: str
+
+    @property
+    def name(self) -> str: ...
+
+    def steps_per_epoch(self, config: ml_collections.ConfigDict) -> int: ...
+
+    def pos_weight(self) -> np.ndarray: ...
+
+    def loader(
+        self, config: ml_collections.ConfigDict, augment: pipeline.Augment
+    ) -> pipeline.TrainLoader: ...
+
+    def evaluators(self, split: str, batch_size: int) -> dict[str, ClassificationEvaluator]: ...
+
+
+@dataclasses.dataclass
+class _Sources:
+    """What both implementations share: the sources' infos and the run's label columns."""
+
+    infos: list[shards.DatasetInfo]
+    label_names: list[str]
+    columns: list[list[int]]
 
     @property
     def name(self) -> str:
@@ -59,34 +83,60 @@ class TrainingData:
     def preprocessing(self) -> dict:
         return self.infos[0].preprocessing
 
-    def source_names(self) -> list[str]:
-        return [info.directory.name for info in self.infos]
+    def evaluators(self, split: str, batch_size: int) -> dict[str, ClassificationEvaluator]:
+        """One evaluator per source that has `split`, keyed by the source's folder name."""
+        return {
+            info.directory.name: ClassificationEvaluator(info, split, batch_size, columns)
+            for info, columns in zip(self.infos, self.columns, strict=True)
+            if info.splits.get(split, {}).get("num_examples")
+        }
+
+
+@dataclasses.dataclass
+class SingleDataset(_Sources):
+    """`config.data.dir`: the study's path (label-efficiency subsets, label noise)."""
+
+    selection_rule: str = "validation mean AUROC"
 
     def steps_per_epoch(self, config: ml_collections.ConfigDict) -> int:
-        if self.sources is None:
-            num_train = pipeline.num_train_examples(self.infos[0], config.data.train_fraction)
-            return num_train // config.batch_size
+        return pipeline.num_train_examples(self.infos[0], config.data.train_fraction) // (
+            config.batch_size
+        )
+
+    def pos_weight(self) -> np.ndarray:
+        return np.asarray(self.infos[0].pos_weight, np.float32)[self.columns[0]]
+
+    def loader(
+        self, config: ml_collections.ConfigDict, augment: pipeline.Augment
+    ) -> pipeline.TrainLoader:
+        return pipeline.train_loader(
+            self.infos[0],
+            batch_size=config.batch_size,
+            label_indices=self.columns[0],
+            seed=config.seed,
+            fraction=config.data.train_fraction,
+            augment=augment,
+            worker_count=config.data.worker_count,
+            label_noise=config.data.get("label_noise", 0.0),
+        )
+
+
+@dataclasses.dataclass
+class Mixture(_Sources):
+    """`config.data.sources`: the seeded mixture of `cxrjax.data.mixture`."""
+
+    sources: list[mixture.Source] = dataclasses.field(default_factory=list)
+    selection_rule: str = SELECTION_RULE
+
+    def steps_per_epoch(self, config: ml_collections.ConfigDict) -> int:
         return mixture.steps_per_epoch(self.sources, config.batch_size)
 
     def pos_weight(self) -> np.ndarray:
-        if self.sources is None:
-            return np.asarray(self.infos[0].pos_weight, np.float32)[self.columns[0]]
         return mixture.pos_weight(self.sources, self.label_names)
 
     def loader(
         self, config: ml_collections.ConfigDict, augment: pipeline.Augment
     ) -> pipeline.TrainLoader:
-        if self.sources is None:
-            return pipeline.train_loader(
-                self.infos[0],
-                batch_size=config.batch_size,
-                label_indices=self.columns[0],
-                seed=config.seed,
-                fraction=config.data.train_fraction,
-                augment=augment,
-                worker_count=config.data.worker_count,
-                label_noise=config.data.get("label_noise", 0.0),
-            )
         return mixture.mixture_loader(
             self.sources,
             self.label_names,
@@ -96,16 +146,6 @@ class TrainingData:
             worker_count=config.data.worker_count,
         )
 
-    def evaluators(self, split: str, batch_size: int) -> dict[str, ClassificationEvaluator]:
-        """Per source (keyed by folder name; one source: keyed by the split) for `split`."""
-        out = {}
-        for info, columns in zip(self.infos, self.columns, strict=True):
-            if not info.splits.get(split, {}).get("num_examples"):
-                continue
-            key = split if self.sources is None else info.directory.name
-            out[key] = ClassificationEvaluator(info, split, batch_size, columns)
-        return out
-
 
 def open_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     """The run's sources: `config.data.sources` when set, else `config.data.dir`."""
@@ -113,7 +153,7 @@ def open_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     if not specs:
         info = open_prepared(config.data.dir, config.data.dataset)
         indices = info.label_indices(config.data.labels)
-        return TrainingData([info], [info.label_names[i] for i in indices], [indices], None)
+        return SingleDataset([info], [info.label_names[i] for i in indices], [indices])
     if config.data.train_fraction < 1:
         raise ConfigError(
             "config.data.train_fraction < 1 with config.data.sources",
@@ -136,4 +176,4 @@ def open_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             f"Labels present: {sorted({n for info in infos for n in info.label_names})}.",
         )
     sources = mixture.open_sources(infos, [w for _, w in parsed])
-    return TrainingData(infos, labels, columns, sources)
+    return Mixture(infos, labels, columns, sources)

@@ -10,7 +10,6 @@ and `cxrjax.evaluate` use.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,33 +19,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
-from jax.experimental import multihost_utils
 
 from cxrjax import checkpoint, console, optim, sharding
 from cxrjax.data import pipeline
 from cxrjax.data.images import PreprocessOptions
 from cxrjax.engine import step as steps
-from cxrjax.engine.data import SELECTION_RULE, TrainingData, open_training_data
+from cxrjax.engine.data import TrainingData, open_training_data
 from cxrjax.engine.inference import Predictor
+from cxrjax.engine.run import Run, open_run
 from cxrjax.engine.state import build_model, init_state, model_options
-from cxrjax.errors import MissingInputError, NonFiniteError, Preempted
 from cxrjax.evaluation.evaluators import ClassificationEvaluator, format_line, summarize
 from cxrjax.evaluation.predictions import Predictions, concatenate, save_predictions
-from cxrjax.metric_writer import MetricWriter
-from cxrjax.models.pretrained import conversion_command
 from cxrjax.run_dir import RunDir, RunFacts
 
-
-def check_pretrained(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, before any compilation, when the configured initial weights are absent."""
-    path = config.model.init_from
-    if path and not Path(path).exists():
-        create = config.model.init_hint or conversion_command(path, config.model.variant)
-        raise MissingInputError(
-            f"no converted weights at {path}",
-            f"Create them with:\n  {create}\n"
-            "(or point --config.model.init_from at them, or set it to '' to train from scratch)",
-        )
+# What best/ ranks by (the selection rule of `TrainingData.selection_rule`).
+SCORE_NAME = "val_mean_auroc"
 
 
 def run_facts(config: ml_collections.ConfigDict, data: TrainingData) -> RunFacts:
@@ -70,25 +57,13 @@ def run_facts(config: ml_collections.ConfigDict, data: TrainingData) -> RunFacts
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`, then evaluates its best checkpoint."""
-    # ---------------------------------------------------------------- run directory
-    run = RunDir(workdir)
     data = open_training_data(config)
-    check_pretrained(config)
+    with open_run(config, workdir, run_facts(config, data), score_name=SCORE_NAME) as run:
+        return _train(config, run, data)
+
+
+def _train(config: ml_collections.ConfigDict, run: Run, data: TrainingData) -> dict[str, Any]:
     facts = run_facts(config, data)
-    primary = jax.process_index() == 0
-    if primary:
-        run.create()
-        run.check_resumable(facts)
-    with run.lock(primary):
-        return _train(config, run, data, facts)
-
-
-def _train(
-    config: ml_collections.ConfigDict, run: RunDir, data: TrainingData, facts: RunFacts
-) -> dict[str, Any]:
-    primary = jax.process_index() == 0
-    if primary:
-        run.write_config(config)
 
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh()
@@ -109,7 +84,7 @@ def _train(
     )
     if report:
         console.say(report)
-    _describe_parameters(run, state["params"], primary)
+    _describe_parameters(run.dir, state["params"], run.primary)
     schedule = optim.learning_rate(config, total_steps)
 
     # ---------------------------------------------------------------- step
@@ -142,122 +117,72 @@ def _train(
         preprocessing=PreprocessOptions(**facts.preprocessing),
         normalization=(np.asarray(facts.mean), np.asarray(facts.std)),
         mesh=mesh,
-        source=str(run.path),
+        source=str(run.dir.path),
     )
     validation = data.evaluators("val", config.eval_batch_size)
     eval_params = lambda state: state["ema"] if config.ema_decay else state["params"]  # noqa: E731
 
     # ---------------------------------------------------------------- restore
     train_iter = iter(loader)
-    ckpt = checkpoint.Checkpointer(run, keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        state, iterator_state = ckpt.restore_latest(checkpoint.abstract(state, state_shardings))
-        train_iter.set_state(iterator_state)
-        console.say(f"resumed from step {int(state['step'])} in {run.path}")
-    writer = MetricWriter(run.tensorboard)
-    preemption = Preemption()
+    state = run.restore(state, state_shardings, train_iter)
     batches = pipeline.prefetch_to_device(train_iter, data_sharding)
 
     # ---------------------------------------------------------------- loop
-    step = int(state["step"])
-    started, first_step = time.time(), step
-    timer, steps_timed, finite_flags = time.time(), 0, []
-    bar = console.progress(total=total_steps, initial=step, desc="train", unit="step")
-    try:
-        while step < total_steps:
+    with run.loop(
+        first_step=int(state["step"]),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        desc="train",
+        extra_scalars=lambda step: {"learning_rate": float(schedule(step - 1))},
+    ) as loop:
+        while loop.running():
             batch, iterator_state = next(batches)
             state, metrics = train_step(state, batch)
-            step += 1
-            steps_timed += 1
-            bar.update(1)
-            finite_flags.append(metrics.pop("finite"))
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite(finite_flags, step, config.nonfinite, ckpt)
-                finite_flags = []
-                elapsed = time.time() - timer
-                scalars = {k: float(v) for k, v in metrics.items()}
-                writer.scalars(
-                    step,
-                    {
-                        **scalars,
-                        "learning_rate": float(schedule(step - 1)),
-                        "images_per_s": steps_timed * config.batch_size / elapsed,
-                        "step_ms": 1000 * elapsed / steps_timed,
-                        "epoch": step / steps_per_epoch,
-                    },
-                )
-                # No redraw of its own: in logs the bar then adds a line only every few seconds.
-                bar.set_postfix(
-                    epoch=f"{step / steps_per_epoch:.1f}",
-                    loss=f"{scalars['loss']:.4f}",
-                    refresh=False,
-                )
-                timer, steps_timed = time.time(), 0
+            loop.record(metrics)
             # Validation and an epoch-end checkpoint every `eval_every_epochs`, and at the end.
-            epoch_end = step % steps_per_epoch == 0 and (
-                (step // steps_per_epoch) % config.eval_every_epochs == 0 or step == total_steps
-            )
+            epoch_end = loop.is_epoch_end(config.eval_every_epochs)
             if epoch_end and validation:
-                score = _validate(
-                    validation,
-                    predictor.with_params(eval_params(state)),
-                    step,
-                    steps_per_epoch,
-                    writer,
-                )
-                ckpt.save_best(step, eval_params(state), score)
-            stop = preemption.should_stop(step)
-            if epoch_end or step % config.checkpoint_every_steps == 0 or stop:
-                ckpt.save(step, state, iterator_state)
-            if stop:
-                ckpt.wait()
-                raise Preempted(step, str(run.path))
-    finally:
-        bar.close()
-        preemption.restore()
-        ckpt.wait()
-    train_seconds = time.time() - started
+                predictions = predictor.with_params(eval_params(state))
+                score = _validate(validation, predictions, loop.step, steps_per_epoch, run)
+                run.ckpt.save_best(loop.step, eval_params(state), score)
+            loop.checkpoint(state, iterator_state, force=epoch_end)
 
     # ---------------------------------------------------------------- final evaluation
     started = time.time()
-    results: dict[str, Any] = {"label_names": list(facts.label_names), "steps": step}
+    results: dict[str, Any] = {"label_names": list(facts.label_names), "steps": loop.step}
     abstract_params = checkpoint.abstract(state["params"], state_shardings["params"])
-    best = predictor.with_params(ckpt.restore_params("best", abstract_params))
+    best = predictor.with_params(run.ckpt.restore_params("best", abstract_params))
     for split in ("val", "test"):
-        evaluators = data.evaluators(split, config.eval_batch_size)
-        if not evaluators:
+        per_source = {
+            name: evaluator.predictions(best)
+            for name, evaluator in data.evaluators(split, config.eval_batch_size).items()
+        }
+        if not per_source:
             continue
-        per_source = {name: ev.predictions(best) for name, ev in evaluators.items()}
-        if data.sources is None:
-            preds = per_source[split]
-            results[split] = summarize(preds)
-            if primary:
-                save_predictions(run.predictions(split), preds)
-        else:
-            results[split] = summarize(concatenate(list(per_source.values())))
+        pooled = concatenate(list(per_source.values()))
+        results[split] = summarize(pooled)
+        if run.primary:
+            save_predictions(run.dir.predictions(split), pooled)
+        if len(per_source) > 1:
             for name, preds in per_source.items():
                 summary = summarize(preds)
                 results.setdefault("sources", {}).setdefault(name, {})[split] = summary
                 console.say(f"best checkpoint, {name}: " + format_line(split, summary))
-                if primary:
-                    _write_source_view(run, config, data, name, split, preds)
-            results["selection"] = SELECTION_RULE
-        writer.scalars(step, {f"final_{split}/mean_auroc": results[split]["mean_auroc"]})
+                if run.primary:
+                    _write_source_view(run.dir, config, data, name, split, preds)
+        run.writer.scalars(loop.step, {f"final_{split}/mean_auroc": results[split]["mean_auroc"]})
         console.say("best checkpoint: " + format_line(split, results[split]))
+    results["selection"] = data.selection_rule
     results["seconds"] = {
-        "train": round(train_seconds, 1),
+        "train": round(loop.seconds, 1),
         "final_evaluation": round(time.time() - started, 1),
     }
-    trained = step - first_step
     console.say(
-        f"trained {trained} steps in {train_seconds:.0f} s"
-        + (f" ({trained * config.batch_size / train_seconds:.0f} img/s)" if trained else "")
+        loop.summary("trained")
         + f"; final evaluation {results['seconds']['final_evaluation']:.0f} s"
     )
-    if primary:
-        run.write_results(results)
-    writer.close()
-    ckpt.close()
+    if run.primary:
+        run.dir.write_results(results)
     return results
 
 
@@ -266,32 +191,32 @@ def _validate(
     predictor: Predictor,
     step: int,
     steps_per_epoch: int,
-    writer: MetricWriter,
+    run: Run,
 ) -> float:
     """Runs the validation evaluators; returns the model-selection score.
 
-    One source: its mean AUROC. Several: the mean over sources of each source's mean AUROC
-    (SELECTION_RULE); each source and the pooled predictions are logged.
+    The score is the mean over sources of each source's mean AUROC (one source: its mean
+    AUROC); with several, each source is logged as well, and the pooled predictions.
     """
     epoch = step // steps_per_epoch
-    if len(evaluators) == 1 and "val" in evaluators:
-        values = dict(evaluators["val"].run(predictor))
-        writer.scalars(step, {f"val/{k}": v for k, v in values.items()})
-        console.say(f"[epoch {epoch}] " + _line("val", values))
-        return values["mean_auroc"]
+    several = len(evaluators) > 1
     scores, pooled = [], []
     for name, evaluator in evaluators.items():
         values = dict(evaluator.run(predictor))
         pooled.append(evaluator.last_predictions)
-        writer.scalars(step, {f"val/{name}/{k}": v for k, v in values.items()})
-        console.say(f"[epoch {epoch}] {name}: " + _line("val", values))
         scores.append(values["mean_auroc"])
-    summary = summarize(concatenate(pooled))
+        prefix = f"val/{name}/" if several else "val/"
+        run.writer.scalars(step, {prefix + k: v for k, v in values.items()})
+        console.say(f"[epoch {epoch}] " + (f"{name}: " if several else "") + _line("val", values))
     score = float(np.nanmean(scores))
-    writer.scalars(step, {"val/pooled/mean_auroc": summary["mean_auroc"], "val/selection": score})
-    console.say(
-        f"[epoch {epoch}] pooled: " + format_line("val", summary) + f"; selection {score:.4f}"
-    )
+    if several:
+        summary = summarize(concatenate(pooled))
+        run.writer.scalars(
+            step, {"val/pooled/mean_auroc": summary["mean_auroc"], "val/selection": score}
+        )
+        console.say(
+            f"[epoch {epoch}] pooled: " + format_line("val", summary) + f"; selection {score:.4f}"
+        )
     return score
 
 
@@ -329,45 +254,3 @@ def _describe_parameters(run: RunDir, params: Any, primary: bool) -> None:
     count = sum(x.size for x in leaves)
     size = sum(x.size * x.dtype.itemsize for x in leaves)
     console.say(f"model: {count:,} parameters ({size / 2**20:.1f} MiB), table in {run.parameters}")
-
-
-class Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop checks: the step in flight finishes, then saves."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        """True on every process once any was signalled (agreed every 10 steps across hosts)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % 10:
-            return False
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def check_finite(flags: list, step: int, policy: str, ckpt: checkpoint.Checkpointer) -> None:
-    """Non-finite steps were skipped in the step itself; `stop` ends the run naming the step."""
-    bad = np.flatnonzero(~np.asarray(jax.device_get(flags), bool))
-    if not len(bad):
-        return
-    first = step - len(flags) + int(bad[0]) + 1
-    if policy == "skip":
-        console.say(f"warning: skipped {len(bad)} steps with non-finite loss (first: {first})")
-        return
-    ckpt.wait()
-    raise NonFiniteError(
-        f"non-finite loss or gradient at step {first}; the update was not applied and the last "
-        f"good checkpoint (step {ckpt.latest_step()}) is kept.",
-        "Lower config.lr, set config.grad_clip, or set config.nonfinite='skip' to skip such steps.",
-    )

@@ -1,7 +1,8 @@
 """The SSL trainer: unlabeled shards -> multi-crop batches -> jitted, sharded DINOv2 steps.
 
-`pretrain` reads top to bottom in the phases of a run, as `cxrjax.engine.trainer` does: run
-directory, mesh, data, model and state, step, restore, loop, export. The run directory is a
+`pretrain` reads top to bottom in the phases of a run over the same `engine.run` pieces as the
+fine-tuning trainer (run directory, restore, step loop): mesh, model, data, state, step,
+restore, loop, summary. The run directory is a
 fine-tuning starting point as it is: besides `checkpoints/` (student, teacher, heads and
 optimizer state, with the data-iterator state) it holds the teacher backbone as `best/`
 (orbax, item "params", read by `tools/convert_checkpoint.py`) and as converted weights
@@ -12,7 +13,6 @@ optimizer state, with the data-iterator state) it holds the teacher backbone as 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,23 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
-from cxrjax import checkpoint, console, sharding
+from cxrjax import console, sharding
 from cxrjax.data import pipeline, shards
 from cxrjax.data.images import PreprocessOptions
 from cxrjax.data.mixture import parse_sources
 from cxrjax.engine import step as steps
 from cxrjax.engine.data import open_prepared
-from cxrjax.engine.trainer import Preemption, check_finite, check_pretrained
-from cxrjax.errors import ConfigError, Preempted
-from cxrjax.metric_writer import MetricWriter
+from cxrjax.engine.run import Run, open_run
+from cxrjax.errors import ConfigError
 from cxrjax.models import create_model
 from cxrjax.models.weights import save_weights
-from cxrjax.run_dir import RunDir, RunFacts
+from cxrjax.run_dir import RunFacts
 from cxrjax.ssl import multicrop
 from cxrjax.ssl import schedules as schedules_lib
 from cxrjax.ssl.step import build_heads, init_state, make_ssl_step
+
+# What best/ ranks by: the teacher's step, so best/ is the latest exported teacher.
+SCORE_NAME = "teacher_step"
 
 
 def crop_options(config: ml_collections.ConfigDict, patch_size: int) -> multicrop.CropOptions:
@@ -94,26 +96,14 @@ def run_facts(config: ml_collections.ConfigDict, infos: list[shards.DatasetInfo]
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Pretrains (or resumes) the SSL run in `workdir`; returns its summary."""
-    # ---------------------------------------------------------------- run directory
-    run = RunDir(workdir)
     infos = open_unlabeled(config)
-    check_pretrained(config)
-    facts = run_facts(config, infos)
-    primary = jax.process_index() == 0
-    if primary:
-        run.create()
-        run.check_resumable(facts)
-    with run.lock(primary):
+    with open_run(config, workdir, run_facts(config, infos), score_name=SCORE_NAME) as run:
         return _pretrain(config, run, infos)
 
 
 def _pretrain(
-    config: ml_collections.ConfigDict, run: RunDir, infos: list[shards.DatasetInfo]
+    config: ml_collections.ConfigDict, run: Run, infos: list[shards.DatasetInfo]
 ) -> dict[str, Any]:
-    primary = jax.process_index() == 0
-    if primary:
-        run.write_config(config)
-
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh()
     data_sharding = sharding.data_sharding(mesh)
@@ -178,80 +168,37 @@ def _pretrain(
 
     # ---------------------------------------------------------------- restore
     train_iter = iter(loader)
-    ckpt = checkpoint.Checkpointer(run, keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        state, iterator_state = ckpt.restore_latest(checkpoint.abstract(state, state_shardings))
-        train_iter.set_state(iterator_state)
-        console.say(f"resumed from step {int(state['step'])} in {run.path}")
-    writer = MetricWriter(run.tensorboard)
-    preemption = Preemption()
+    state = run.restore(state, state_shardings, train_iter)
     batches = pipeline.prefetch_to_device(train_iter, data_sharding)
 
     # ---------------------------------------------------------------- loop
-    step = int(state["step"])
-    started, first_step = time.time(), step
-    timer, steps_timed, finite_flags, scalars = time.time(), 0, [], {}
-    bar = console.progress(total=total_steps, initial=step, desc="ssl", unit="step")
-    try:
-        while step < total_steps:
+    with run.loop(
+        first_step=int(state["step"]),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        desc="ssl",
+    ) as loop:
+        while loop.running():
             batch, iterator_state = next(batches)
             state, metrics = ssl_step(state, batch)
-            step += 1
-            steps_timed += 1
-            bar.update(1)
-            finite_flags.append(metrics.pop("finite"))
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite(finite_flags, step, config.nonfinite, ckpt)
-                finite_flags = []
-                elapsed = time.time() - timer
-                scalars = {k: float(v) for k, v in metrics.items()}
-                writer.scalars(
-                    step,
-                    {
-                        **scalars,
-                        "images_per_s": steps_timed * config.batch_size / elapsed,
-                        "step_ms": 1000 * elapsed / steps_timed,
-                        "epoch": step / steps_per_epoch,
-                    },
-                )
-                # No redraw of its own: in logs the bar then adds a line only every few seconds.
-                bar.set_postfix(
-                    epoch=f"{step / steps_per_epoch:.1f}",
-                    loss=f"{scalars['loss']:.4f}",
-                    refresh=False,
-                )
-                timer, steps_timed = time.time(), 0
-            stop = preemption.should_stop(step)
-            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
-                ckpt.save(step, state, iterator_state)
-                _export(run, ckpt, config, step, state["teacher"], primary)
-            if stop:
-                ckpt.wait()
-                raise Preempted(step, str(run.path))
-    finally:
-        bar.close()
-        preemption.restore()
-        ckpt.wait()
-    seconds = time.time() - started
+            loop.record(metrics)
+            if loop.checkpoint(state, iterator_state):
+                _export(run, config, loop.step, state["teacher"])
 
     # ---------------------------------------------------------------- summary
-    trained = step - first_step
     results = {
         "objective": "dino",
-        "steps": step,
-        "final": scalars,
-        "seconds": {"train": round(seconds, 1)},
-        "backbone": str(run.path.absolute()),
+        "steps": loop.step,
+        "final": loop.last_scalars,
+        "seconds": {"train": round(loop.seconds, 1)},
+        "backbone": str(run.dir.path.absolute()),
     }
     console.say(
-        f"pretrained {trained} steps in {seconds:.0f} s"
-        + (f" ({trained * config.batch_size / seconds:.0f} img/s)" if trained else "")
-        + f"; teacher backbone in {run.path} (use --config.model.init_from={run.path})"
+        loop.summary("pretrained")
+        + f"; teacher backbone in {run.dir.path} (use --config.model.init_from={run.dir.path})"
     )
-    if primary:
-        run.write_results(results)
-    writer.close()
-    ckpt.close()
+    if run.primary:
+        run.dir.write_results(results)
     return results
 
 
@@ -266,29 +213,22 @@ def _student_shapes(model: Any, heads: dict, size: int) -> dict:
     return tree
 
 
-def _export(
-    run: RunDir,
-    ckpt: checkpoint.Checkpointer,
-    config: ml_collections.ConfigDict,
-    step: int,
-    teacher: dict,
-    primary: bool,
-) -> None:
+def _export(run: Run, config: ml_collections.ConfigDict, step: int, teacher: dict) -> None:
     """The teacher as fine-tuning's starting point: best/ (orbax) and converted weights.
 
-    best/ keeps one step, the one with the highest "score": the step itself, so the latest.
+    best/ keeps one step, the one with the highest score: the step itself, so the latest.
     """
-    ckpt.save_best(step, teacher["backbone"], float(step))
+    run.ckpt.save_best(step, teacher["backbone"], float(step))
     # Every process takes part in the gather (FSDP shards live on all of them).
     host = multihost_utils.process_allgather(teacher, tiled=True)
-    if not primary:
+    if not run.primary:
         return
     params = {**host["backbone"], **{k: v for k, v in host.items() if k != "backbone"}}
     save_weights(
-        run.path,
+        run.dir.path,
         params,
         variant=config.model.variant,
-        source=str(run.path.absolute()),
+        source=str(run.dir.path.absolute()),
         source_sha256="",
         source_format="cxrjax_ssl",
         image_size=config.crops.global_size,
