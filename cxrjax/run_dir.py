@@ -140,6 +140,18 @@ class RunDir:
         suffix = "" if checkpoint == "best" else f"_{checkpoint}"
         return (out or self.path) / f"predictions_{split}{suffix}.npz"
 
+    @staticmethod
+    def metrics_for(predictions: Path, out: Path | None = None) -> Path:
+        """The metrics JSON of a predictions file, in `out` or beside it:
+        predictions_test.npz -> metrics_test.json, other.npz -> other_metrics.json."""
+        stem = predictions.stem
+        name = (
+            "metrics" + stem[len("predictions") :]
+            if stem.startswith("predictions")
+            else f"{stem}_metrics"
+        )
+        return (out or predictions.parent) / f"{name}.json"
+
     def source(self, name: str) -> RunDir:
         """sources/<name>/ of a multi-source run: one source's predictions and a config that
         names it as the dataset (readable by tools/compare.py like a run directory)."""

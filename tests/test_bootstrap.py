@@ -118,15 +118,15 @@ def test_bootstrap_result_json_and_label_mean():
         )
 
 
-@pytest.mark.parametrize("by_patient", [False, True])
-def test_paired_p_values_equal_reference_loop(by_patient):
+@pytest.mark.parametrize("by_image", [False, True])
+def test_paired_p_values_equal_reference_loop(by_image):
     y, s_a, mask = _data(4, n=120)
     rng = np.random.default_rng(9)
     s_b = np.round(np.clip(s_a + rng.normal(0, 0.15, s_a.shape), 0, 1), 2)
     patients = [f"p{i // 3}" for i in range(len(y))]
     a, b = _preds(y, s_a, mask, patients), _preds(y, s_b, mask, patients)
-    res = bs.paired_bootstrap(a, b, n_resamples=60, seed=7, by_patient=by_patient)
-    counts = bs.resample_counts(len(y), 60, seed=7, groups=a.patients if by_patient else None)
+    res = bs.paired_bootstrap(a, b, n_resamples=60, seed=7, by_image=by_image)
+    counts = bs.resample_counts(len(y), 60, seed=7, groups=None if by_image else a.patients)
     le = np.zeros(3)
     le_mean = 0
     for r in range(60):
@@ -156,11 +156,13 @@ def test_paired_requires_same_cases_in_same_order():
     flipped = _preds(1 - y, s)
     with pytest.raises(ValueError, match="ground-truth"):
         bs.paired_bootstrap(a, flipped, n_resamples=5)
-    with pytest.raises(ValueError, match="patients"):
-        bs.paired_bootstrap(a, a, n_resamples=5, by_patient=True)
+    with_patients = _preds(y, s, patients=[f"p{i // 2}" for i in range(len(y))])
+    with pytest.raises(ValueError, match="disagree on patients"):
+        bs.paired_bootstrap(a, with_patients, n_resamples=5)
+    # Resampling images needs no patients: the pair is fine then.
+    bs.paired_bootstrap(a, with_patients, n_resamples=5, by_image=True)
 
 
-@pytest.mark.filterwarnings("ignore:l1. 80 evaluated cases hold a single class:RuntimeWarning")
 def test_paired_p_values_nan_only_for_labels_without_both_classes():
     y, s_a, _ = _data(8, n=80, masked=False)
     y[:, 1] = 0.0  # no positive in the split: the label is undefined for both runs

@@ -80,9 +80,10 @@ def test_compare_writes_table_and_figures(runs, tmp_path):
     md = (out / "comparison.md").read_text(encoding="utf-8")
     assert "| vindr | 1.0 | effusion |" in md and "p dinov2 > in21k (BH)" in md
 
-    # Numbers against a direct computation: bootstrap stats and the sklearn p-value loop.
+    # Numbers against a direct computation: bootstrap stats and the sklearn p-value loop, on
+    # resamples of patients (the runs carry patient ids, so that is the default).
     (_, a), (_, b) = runs[("vindr", "dinov2", 1.0)], runs[("vindr", "in21k", 1.0)]
-    counts = bs.resample_counts(len(a.ids), N_BOOT, seed=0)
+    counts = bs.resample_counts(len(a.ids), N_BOOT, seed=0, groups=a.patients)
     row = table[(table.dataset == "vindr") & (table.train_fraction == 1.0)]
     row = row.set_index("label")
     for j, name in enumerate(a.label_names):
@@ -119,7 +120,8 @@ def test_compare_same_init_two_seeds_and_predictions_files(tmp_path):
     r2, _ = _write_run(tmp_path, "vindr", "scratch", 1.0, 1.0, seed=2)
     out = tmp_path / "cmp"
     args = [str(r1 / "predictions_test.npz"), str(r2), "--out", str(out), "--bootstrap=20"]
-    assert compare_tool.main([*args, "--by-patient"]) == 0
+    assert compare_tool.main([*args, "--by-image"]) == 0
+    assert json.loads((out / "comparison.json").read_text())["bootstrap"]["resampling"] == "image"
     table = pd.read_csv(out / "comparison.csv")
     cols = [c for c in table.columns if c.startswith("p ")]
     assert cols == [f"p scratch ({r2.name})>scratch ({r1.name})"]

@@ -33,11 +33,11 @@ def test_predictions_mode_writes_metrics_json(tmp_path):
     path = tmp_path / "predictions_test.npz"
     save_predictions(path, preds)
     out = tmp_path / "out"
-    argv = ["evaluate", f"--predictions={path}", f"--out={out}", "--bootstrap=40", "--by-patient"]
+    argv = ["evaluate", f"--predictions={path}", f"--out={out}", "--bootstrap=40"]
     assert evaluate.main(argv) == 0
     js = json.loads((out / "metrics_test.json").read_text())
-    assert js["n_cases"] == 200 and js["bootstrap"]["by_patient"] is True
-    ref = bs.bootstrap(preds, n_resamples=40, seed=0, by_patient=True)
+    assert js["n_cases"] == 200 and js["bootstrap"]["resampling"] == "patient"
+    ref = bs.bootstrap(preds, n_resamples=40, seed=0)
     for j, name in enumerate(preds.label_names):
         m = preds.mask[:, j]
         got = js["per_label"][name]
@@ -78,12 +78,7 @@ def test_bad_invocations_fail_clearly(tmp_path, capsys):
     assert "exactly one of" in capsys.readouterr().err
     path = tmp_path / "predictions_test.npz"
     save_predictions(path, _preds())
-    assert evaluate.main(["evaluate", f"--predictions={path}", "--by-patient=x"]) == 2
-    p = _preds()
-    p.patients = None
-    save_predictions(path, p)
-    assert evaluate.main(["evaluate", f"--predictions={path}", "--by-patient"]) == 2
-    assert "needs `patients`" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", f"--predictions={path}", "--by-image=x"]) == 2
 
 
 def test_workdir_mode_predicts_the_runs_dataset(tmp_path, monkeypatch):
@@ -92,14 +87,14 @@ def test_workdir_mode_predicts_the_runs_dataset(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(config))
     calls = []
 
-    def fake_predict_run(workdir, data, split, checkpoint, label_map, batch_size):
-        calls.append((workdir, data, split, checkpoint, label_map, batch_size))
+    def fake_predict_run(workdir, data, split, checkpoint, label_map, batch_size, external):
+        calls.append((workdir, data, split, checkpoint, label_map, batch_size, external))
         return _preds(), {"tested_on": "x"}
 
     monkeypatch.setattr(evaluate, "predict_run", fake_predict_run)
     argv = ["evaluate", f"--workdir={tmp_path}", "--split=val", "--checkpoint=latest"]
     assert evaluate.main([*argv, "--bootstrap=10"]) == 0
-    assert calls == [(tmp_path, tmp_path / "data", "val", "latest", {}, 16)]
+    assert calls == [(tmp_path, tmp_path / "data", "val", "latest", {}, 16, False)]
     saved = load_predictions(tmp_path / "predictions_val_latest.npz")
     np.testing.assert_array_equal(saved.probs, _preds().probs)
     js = json.loads((tmp_path / "metrics_val_latest.json").read_text())

@@ -1,20 +1,25 @@
 """Compare runs the way the study did: paired bootstrap AUROC, one-sided p-values, BH correction.
 
-  python tools/compare.py W1 W2 ... --out DIR [--bootstrap 1000] [--seed 0] [--by-patient]
-      [--baseline INIT] [--split test] [--test bootstrap|delong]
+  python tools/compare.py W1 W2 ... --out DIR [--bootstrap 1000] [--seed 0] [--by-image]
+      [--baseline INIT] [--split test] [--test bootstrap|delong] [--min-per-class 10]
 
 Each Wi is a run directory (holding `predictions_<split>.npz` and `config.json` with
 `experiment`, `init`, `data.dataset`, `data.train_fraction`; top-level `dataset` and
 `train_fraction` are read too) or a predictions file (its directory's config.json, if any,
-names it). Runs on the same dataset and training fraction are compared on shared resamples;
+names it). Runs on the same dataset and training fraction are compared on shared resamples, of
+patients when the predictions carry patient ids (`--by-image`: of images, the study's protocol);
 every other initialisation is tested against the baseline (default: the first run's) with
 H1 'higher AUROC than the baseline', p = fraction of resamples where its AUROC <= the
 baseline's (`bootstrap.paired_p_values`: NaN for a label without both classes in the shared
 test split). `--test delong` puts DeLong's test (`cxrjax.evaluation.delong`, same hypothesis)
 in the p column instead; the CSV carries the other test's p-value too, and the bootstrap
 p-value of AUPRC. Benjamini-Hochberg runs over all labels and datasets of one comparison (label
-means form their own family). Writes comparison.md (AUROC, AUPRC), comparison.csv and
-comparison.json (with Brier and ECE too), ROC and precision-recall curves with bands, PNGs.
+means form their own family). Labels failing the small-sample rule (`--min-per-class`, default 10
+positives and negatives) get no AUROC and no test, and are named on the console. Predictions of
+external validation (`cxrjax.evaluate --workdir A --data B`) carry B's label names and are
+compared with B's runs on the labels they share. Writes comparison.md (AUROC, AUPRC),
+comparison.csv and comparison.json (with Brier and ECE too), ROC and precision-recall curves
+with bands, PNGs. Every input is read and checked before anything is written.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrjax.errors import CxrjaxError
-from cxrjax.evaluate import metrics_path_for
+from cxrjax import console
+from cxrjax.errors import ConfigError, CxrjaxError
 from cxrjax.evaluation import bootstrap as bs
-from cxrjax.evaluation import delong, report
+from cxrjax.evaluation import delong, pipeline, report
 from cxrjax.evaluation.predictions import Predictions, load_predictions
+from cxrjax.evaluation.sample_rule import DEFAULT_MIN_PER_CLASS, SampleRule
 from cxrjax.run_dir import RunDir
 
 MEAN_ROW = "mean (labels)"
@@ -78,7 +84,7 @@ def load_run(path: str | Path, split: str = "test") -> Run:
             )
     elif path.is_file():
         pred_path, config_path = path, path.parent / RunDir.CONFIG
-        metrics_path = metrics_path_for(pred_path)
+        metrics_path = RunDir.metrics_for(pred_path)
         if metrics_path.is_file():
             metrics = json.loads(metrics_path.read_text())
             if "trained_on" in metrics:
@@ -99,14 +105,51 @@ def load_run(path: str | Path, split: str = "test") -> Run:
     if external:
         init = f"{init} (trained on {external['trained_on']})"
         dataset = str(external["tested_on"])
+    preds = load_predictions(pred_path)
+    pipeline.check_evaluable(preds, str(pred_path))
+    for line in pipeline.probability_warnings(preds, str(pred_path)):
+        console.say(line)
     return Run(
         source=str(path),
         experiment=str(experiment),
         dataset=dataset,
         init=init,
         train_fraction=1.0 if fraction is None else float(fraction),
-        preds=load_predictions(pred_path),
+        preds=preds,
     )
+
+
+def _shared_labels(members: list[Run]) -> None:
+    """Cut the runs of one group to the labels they share when one is external validation.
+
+    External-validation predictions hold only the labels the run and the dataset share, under
+    the dataset's names (`model_label_names` set); the dataset's own runs hold all of its labels.
+    Otherwise differing labels are a mistake that `bootstrap.check_paired` reports.
+    """
+    names = [r.preds.label_names for r in members]
+    if all(n == names[0] for n in names) or all(r.preds.model_label_names is None for r in members):
+        return
+    shared = [n for n in names[0] if all(n in other for other in names[1:])]
+    if not shared:
+        raise ConfigError(
+            f"{members[0].source} and the runs it is paired with share no label: {names}",
+            "Compare external-validation predictions with runs trained on the dataset they were "
+            "tested on.",
+        )
+    dropped = sorted({n for ns in names for n in ns} - set(shared))
+    if dropped:
+        console.say(f"{members[0].dataset}: comparing on the shared labels; left out {dropped}")
+    for r in members:
+        cols = [r.preds.label_names.index(n) for n in shared]
+        model = r.preds.model_label_names
+        r.preds = dataclasses.replace(
+            r.preds,
+            labels=r.preds.labels[:, cols],
+            probs=r.preds.probs[:, cols],
+            mask=r.preds.known[:, cols],
+            label_names=shared,
+            model_label_names=None if model is None else [model[c] for c in cols],
+        )
 
 
 def _run_dir_name(source: str) -> str:
@@ -134,17 +177,22 @@ def compare(
     runs: list[Run],
     n_resamples: int = 1000,
     seed: int = 0,
-    by_patient: bool = False,
+    by_image: bool = False,
     baseline: str | None = None,
     test: str = "bootstrap",
+    rule: SampleRule | None = None,
 ) -> dict[str, Any]:
     """Bootstrap every run, test each column against the baseline, correct with BH.
+
+    Resamples patients when the predictions carry them, images with `by_image`. Labels failing
+    `rule` (default `SampleRule()`) get no AUROC and no test.
 
     `test` ("bootstrap" or "delong") gives the p-values that are corrected and tabled as `p:c`;
     the other test's go to `p_<other>:c`, the bootstrap AUPRC test's to `p_auprc:c`.
     """
     if test not in TESTS:
         raise ValueError(f"--test {test!r}: use one of {TESTS}")
+    rule = rule or SampleRule()
     other = next(t for t in TESTS if t != test)
     _assign_columns(runs)
     columns = list(dict.fromkeys(r.column for r in runs))
@@ -158,19 +206,29 @@ def compare(
     results: dict[tuple[str, float], dict[str, bs.BootstrapResult]] = {}
     counts_by_group: dict[tuple[str, float], np.ndarray] = {}
     entries: list[dict[str, Any]] = []
-    for key, members in groups.items():
+    units = set()
+    excluded: dict[str, dict[str, Any]] = {}
+    # Every group is checked before any is bootstrapped: a run that does not pair fails fast.
+    for members in groups.values():
+        _shared_labels(list(members.values()))
         ref = next(iter(members.values()))
         for r in members.values():
-            bs.check_paired(ref.preds, r.preds, (ref.source, r.source))
-            if by_patient and not np.array_equal(ref.preds.patients, r.preds.patients):
-                raise ValueError(f"{ref.source} and {r.source} disagree on patients")
-        counts = bs.draw_counts(ref.preds, n_resamples, seed, by_patient)
+            bs.check_paired(ref.preds, r.preds, (ref.source, r.source), by_image)
+    for key, members in groups.items():
+        ref = next(iter(members.values()))
+        counts = bs.draw_counts(ref.preds, n_resamples, seed, by_image)
         counts_by_group[key] = counts
         res = {
-            c: bs.bootstrap(r.preds, n_resamples, seed, by_patient, counts)
+            c: bs.bootstrap(r.preds, n_resamples, seed, by_image=by_image, counts=counts, rule=rule)
             for c, r in members.items()
         }
         results[key] = res
+        first = next(iter(res.values()))
+        units.add(first.unit)
+        gone = rule.excluded_json(first.label_names, first.n_positive, first.n_negative)
+        for name, e in gone.items():
+            console.say(f"small-sample rule: {key[0]} ({key[1]:g}): {name}: {e['reason']}")
+        excluded[f"{key[0]} ({key[1]:g})"] = gone
         names = ref.preds.label_names
         rows = [{"dataset": key[0], "train_fraction": key[1], "label": n} for n in names]
         mean_row = {"dataset": key[0], "train_fraction": key[1], "label": MEAN_ROW}
@@ -191,7 +249,7 @@ def compare(
             for c, rr in res.items():
                 if c == baseline:
                     continue
-                test_result = delong.delong_test(members[c].preds, members[baseline].preds)
+                test_result = delong.delong_test(members[c].preds, members[baseline].preds, rule)
                 found = {
                     "bootstrap": bs.paired_p_values(rr, base),
                     "delong": (test_result.p, test_result.mean_p),
@@ -219,6 +277,10 @@ def compare(
         "results": results,
         "counts": counts_by_group,
         "entries": entries,
+        # One unit for all groups unless some runs lack patient ids.
+        "resampling": "+".join(sorted(units)),
+        "sample_rule": rule.to_json(),
+        "excluded_labels": excluded,
     }
 
 
@@ -240,8 +302,8 @@ def _summary_frame(out: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _header(out: dict[str, Any], n_resamples: int, seed: int, by_patient: bool) -> str:
-    unit = "patients" if by_patient else "images"
+def _header(out: dict[str, Any], n_resamples: int, seed: int) -> str:
+    unit = {"patient": "patients", "image": "images"}.get(out["resampling"], "patients or images")
     if out["test"] == "delong":
         p_text = (
             "one-sided DeLong test (Sun and Xu's algorithm) of H1 'the column's AUROC is higher "
@@ -259,13 +321,13 @@ def _header(out: dict[str, Any], n_resamples: int, seed: int, by_patient: bool) 
         "labels and datasets of that comparison (label means corrected as their own family). "
         f"'< {1 / n_resamples:.3g}': in none of the {n_resamples} resamples. comparison.csv "
         "adds Brier score and ECE, the other test's p-value and the bootstrap p-value of "
-        "AUPRC.\n\n"
+        "AUPRC. "
+        f"Labels with fewer than {out['sample_rule']['min_positives']} positives or "
+        f"{out['sample_rule']['min_negatives']} negatives have no AUROC and no test (n/a).\n\n"
     )
 
 
-def write_outputs(
-    out: dict[str, Any], out_dir: Path, n_resamples: int, seed: int, by_patient: bool
-) -> list[Path]:
+def write_outputs(out: dict[str, Any], out_dir: Path, n_resamples: int, seed: int) -> list[Path]:
     """Table (Markdown, CSV), JSON and figures; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     other = next(t for t in TESTS if t != out["test"])
@@ -280,11 +342,13 @@ def write_outputs(
     written = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.json"]
     numeric.to_csv(written[0], index=False)
     written[1].write_text(
-        _header(out, n_resamples, seed, by_patient) + report.to_markdown(pretty), encoding="utf-8"
+        _header(out, n_resamples, seed) + report.to_markdown(pretty), encoding="utf-8"
     )
     summary = _summary_frame(out)
     meta = {
-        "bootstrap": {"n_resamples": n_resamples, "seed": seed, "by_patient": by_patient},
+        "bootstrap": bs.bootstrap_json(n_resamples, seed, out["resampling"]),
+        "sample_rule": out["sample_rule"],
+        "excluded_labels": out["excluded_labels"],
         "baseline": out["baseline"],
         "test": out["test"],
         "runs": [
@@ -301,7 +365,7 @@ def write_outputs(
         ],
         "rows": json.loads(numeric.to_json(orient="records")),
     }
-    written[2].write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    pipeline.write_json(written[2], meta)
 
     for (dataset, fraction), members in out["groups"].items():
         path = out_dir / f"roc_{report.slug(dataset)}_f{fraction:g}.png"
@@ -328,7 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--by-patient", action="store_true", help="resample patients")
+    parser.add_argument(
+        "--by-image",
+        action="store_true",
+        help="resample images, the study's protocol (default: patients, when the files have them)",
+    )
+    parser.add_argument(
+        "--min-per-class",
+        type=int,
+        default=DEFAULT_MIN_PER_CLASS,
+        help="fewest positives and negatives a label needs for an AUROC (default 10)",
+    )
     parser.add_argument("--baseline", help="column every other is tested against")
     parser.add_argument("--split", default="test", help="split of predictions_<split>.npz")
     parser.add_argument(
@@ -338,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 1:
         parser.error("--bootstrap must be >= 1 for paired tests")
     try:
+        rule = SampleRule.per_class(args.min_per_class)
         runs = [load_run(p, args.split) for p in args.runs]
-        out = compare(runs, args.bootstrap, args.seed, args.by_patient, args.baseline, args.test)
-        written = write_outputs(out, Path(args.out), args.bootstrap, args.seed, args.by_patient)
+        out = compare(
+            runs, args.bootstrap, args.seed, args.by_image, args.baseline, args.test, rule
+        )
+        written = write_outputs(out, Path(args.out), args.bootstrap, args.seed)
     except (CxrjaxError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,13 +3,15 @@
   python tools/probe.py --checkpoint weights/vit_base_patch16_dinov3 --data data/vindr \
       --out results/vindr_dinov3_probe [--head linear|mlp] [--normalization pretrained]
       [--steps 2000] [--lr 1e-3] [--wd 1e-4] [--labels a b ...] [--bootstrap 1000]
+      [--by-image] [--min-per-class 10]
 
 The backbone (converted weights or a run directory) embeds the train/val/test splits through the
 one inference path (`Predictor`, pooled features as `cxrjax.embed` writes them); the features are
 cached in OUT/features_<split>.npz and reused when the same backbone and data ask again. A linear
 (or one-hidden-layer MLP) head is trained full-batch with AdamW on the masked, `pos_weight`-ed BCE
 of the trainer, the step with the best validation mean AUROC is kept, and the test split is
-written as OUT/predictions_test.npz with the same bootstrap metrics JSON as `cxrjax.evaluate`.
+written as OUT/predictions_test.npz with the same bootstrap metrics JSON as `cxrjax.evaluate`
+(patient-level resampling and the small-sample rule included).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from cxrjax.data import shards
 from cxrjax.engine.inference import Predictor
 from cxrjax.engine.step import NORMALIZATIONS, bce_loss
 from cxrjax.errors import MissingInputError, cli
-from cxrjax.evaluate import evaluate_predictions, format_summary, metrics_path_for
+from cxrjax.evaluation import pipeline
 from cxrjax.evaluation.evaluators import summarize
 from cxrjax.evaluation.predictions import Predictions, save_predictions
+from cxrjax.evaluation.sample_rule import DEFAULT_MIN_PER_CLASS, SampleRule
+from cxrjax.run_dir import RunDir
 
 SPLITS = ("train", "val", "test")
 
@@ -153,8 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="images per embedding pass")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--by-image", action="store_true", help="resample images, not patients (the study's)"
+    )
+    parser.add_argument(
+        "--min-per-class",
+        type=int,
+        default=DEFAULT_MIN_PER_CLASS,
+        help="fewest positives and negatives a label needs for an AUROC (default 10)",
+    )
     args = parser.parse_args(argv)
     console.configure(verbose=False)
+    rule = SampleRule.per_class(args.min_per_class)
 
     try:
         info = shards.load_info(args.data)
@@ -183,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         "source": str(pred_path),
         "probe": {"backbone": predictor.source, "head": args.head, "best_step": best_step,
                   "val_mean_auroc": val_score, "steps": args.steps, "lr": args.lr, "wd": args.wd},
-        **evaluate_predictions(preds, args.bootstrap, args.seed),
+        **pipeline.evaluate_predictions(
+            preds, args.bootstrap, args.seed, by_image=args.by_image, rule=rule
+        ),
     }  # fmt: skip
-    path = metrics_path_for(pred_path)
-    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    print(format_summary(metrics))
+    path = RunDir.metrics_for(pred_path)
+    pipeline.write_json(path, metrics)
+    for line in pipeline.exclusion_lines(metrics):
+        console.say(line)
+    print(pipeline.format_summary(metrics))
     console.say(f"best validation mean AUROC {val_score:.4f} at step {best_step}; metrics: {path}")
     return 0
 

@@ -4,9 +4,14 @@ A resample is a vector of multinomial counts over the cases (how often each case
 so all resamples of one label are evaluated at once by the weighted kernels
 (`metrics.weighted_curve_stats`: AUROC, AUPRC, the study's Youden point;
 `calibration.weighted_calibration_stats`: Brier, ECE; `operating_points.weighted_fixed_stats`:
-thresholds fixed on validation) after a single sort; no per-resample Python loop. Drawing by
-patient draws patients with replacement and gives each image its patient's count, so correlated
-images of one patient move together.
+thresholds fixed on validation) after a single sort; no per-resample Python loop.
+
+Resampling is by patient whenever the predictions carry `patients`: patients are drawn with
+replacement and each image takes its patient's count, so correlated images of one patient move
+together. Several radiographs of one patient are not independent cases; resampling images as if
+they were gives intervals too narrow and p-values too small (about half the patient-level SD on
+four images per patient). `by_image=True` resamples images, the study's protocol, for comparison
+with its numbers. Labels failing the small-sample rule (`sample_rule`) get no ranking metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from cxrjax import console
 from cxrjax.errors import ConfigError
 from cxrjax.evaluation import calibration, metrics, operating_points
 from cxrjax.evaluation.predictions import Predictions
+from cxrjax.evaluation.sample_rule import SampleRule
 
 # Cap on resamples x cases evaluated at once: keeps the (R, n) work arrays in cache-friendly
 # chunks and memory bounded for large test sets (ChestX-ray14: 25,596 images).
@@ -81,7 +87,10 @@ def resampled_metrics(
     out = {k: np.empty((n_res, num_labels)) for k in metric_names(thresholds is not None)}
     step = max(1, _CHUNK_ELEMENTS // max(1, labels.shape[0]))
     starts = range(0, n_res, step)
-    for lo in console.progress(starts, desc="bootstrap", unit="chunk", leave=False):
+    # A bar only when there is progress to show: a single chunk would print a bar stuck at 0/1.
+    if len(starts) > 1:
+        starts = console.progress(starts, desc="bootstrap", unit="chunk", leave=False)
+    for lo in starts:
         # Case-major so that selecting a label's known cases copies contiguous rows.
         chunk = np.ascontiguousarray(counts[lo : lo + step].T)
         for j in range(num_labels):
@@ -136,10 +145,10 @@ class BootstrapResult:
     """Point estimates and bootstrap samples of every metric for one predictions set.
 
     `point[m]` is (L,), `samples[m]` is (R, L). The label mean covers `included` labels (those
-    with both classes in the full split); `mean_point[m]` and `mean_samples[m]` hold it.
-    `included` depends on the ground truth alone (probabilities are finite wherever a label is
-    known), so paired predictions share it. `thresholds` (L,) are the fixed operating points
-    (chosen on validation) behind the `fixed_*` metrics, or None.
+    passing the small-sample `rule` in the full split); `mean_point[m]` and `mean_samples[m]`
+    hold it. `included` depends on the ground truth alone, so paired predictions share it.
+    `unit` is what was resampled: "patient" or "image". `thresholds` (L,) are the fixed
+    operating points (chosen on validation) behind the `fixed_*` metrics, or None.
     """
 
     label_names: list[str]
@@ -148,7 +157,10 @@ class BootstrapResult:
     included: np.ndarray
     n_resamples: int
     seed: int
-    by_patient: bool
+    unit: str
+    rule: SampleRule
+    n_positive: np.ndarray
+    n_negative: np.ndarray
     thresholds: np.ndarray | None = None
 
     @property
@@ -168,13 +180,11 @@ class BootstrapResult:
         }
         mean_point, mean_samples = self.mean_point, self.mean_samples
         return {
-            "bootstrap": {
-                "n_resamples": self.n_resamples,
-                "seed": self.seed,
-                "by_patient": self.by_patient,
-                "interval": "95% percentile",
-                "sd_ddof": 1,
-            },
+            "bootstrap": bootstrap_json(self.n_resamples, self.seed, self.unit),
+            "sample_rule": self.rule.to_json(),
+            "excluded_labels": self.rule.excluded_json(
+                self.label_names, self.n_positive, self.n_negative
+            ),
             "labels_in_mean": [
                 n for n, inc in zip(self.label_names, self.included, strict=True) if inc
             ],
@@ -186,6 +196,17 @@ class BootstrapResult:
             },
             "per_label": per_label,
         }
+
+
+def bootstrap_json(n_resamples: int, seed: int, unit: str) -> dict[str, Any]:
+    """The "bootstrap" section of every JSON: resamples, seed and what was resampled."""
+    return {
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "resampling": unit,
+        "interval": "95% percentile",
+        "sd_ddof": 1,
+    }
 
 
 def summary_json(point: float, samples: np.ndarray) -> dict[str, Any]:
@@ -202,13 +223,16 @@ def json_number(x: float) -> float | int | None:
     return float(x) if np.isfinite(x) else None
 
 
-def draw_counts(preds: Predictions, n_resamples: int, seed: int, by_patient: bool) -> np.ndarray:
-    """The (R, N) resample counts of `preds`, by image or by its `patients`."""
-    if by_patient and preds.patients is None:
-        raise ConfigError(
-            "by-patient bootstrap needs `patients` in the predictions file; write it with "
-            "hashed patient ids or drop --by-patient"
-        )
+def resampling_unit(preds: Predictions, by_image: bool = False) -> str:
+    """ "patient" when `preds` carry patient ids and `by_image` is False, else "image"."""
+    return "image" if by_image or preds.patients is None else "patient"
+
+
+def draw_counts(
+    preds: Predictions, n_resamples: int, seed: int, by_image: bool = False
+) -> np.ndarray:
+    """The (R, N) resample counts of `preds`: by patient when it has `patients`, else by image."""
+    by_patient = resampling_unit(preds, by_image) == "patient"
     groups = preds.patients if by_patient else None
     return resample_counts(len(preds.ids), n_resamples, seed, groups)
 
@@ -217,42 +241,57 @@ def bootstrap(
     preds: Predictions,
     n_resamples: int = 1000,
     seed: int = 0,
-    by_patient: bool = False,
+    *,
+    by_image: bool = False,
     counts: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
+    rule: SampleRule | None = None,
 ) -> BootstrapResult:
     """Point estimates and `n_resamples` seeded bootstrap resamples of every metric.
 
-    `counts` (R, N), when given, are the resamples to use instead of drawing them (so several
-    models can share them); `n_resamples`, `seed` and `by_patient` then only label the result.
-    `thresholds` (L,): fixed operating points (see `operating_points`), adding `fixed_*` metrics.
+    Resamples patients when `preds` has `patients`, unless `by_image`. `counts` (R, N), when
+    given, are the resamples to use instead of drawing them (so several models can share them);
+    `n_resamples`, `seed` and `by_image` then only label the result. `thresholds` (L,): fixed
+    operating points (see `operating_points`), adding `fixed_*` metrics. Labels failing `rule`
+    (default `SampleRule()`) get NaN ranking metrics and stay out of the mean.
     """
-    metrics.warn_single_class(preds.labels, preds.known, preds.label_names)
+    rule = rule or SampleRule()
     # The point estimate is the resample that draws every case once: one code path for both.
     ones = np.ones((1, len(preds.ids)), np.int32)
     point = resampled_metrics(preds.labels, preds.probs, ones, preds.mask, thresholds)
     point = {k: v[0] for k, v in point.items()}
     if counts is None:
-        counts = draw_counts(preds, n_resamples, seed, by_patient)
+        counts = draw_counts(preds, n_resamples, seed, by_image)
     elif counts.shape != (n_resamples, len(preds.ids)):
         raise ConfigError(
             f"counts shape {counts.shape}, expected ({n_resamples}, {len(preds.ids)})"
         )
     samples = resampled_metrics(preds.labels, preds.probs, counts, preds.mask, thresholds)
+    n_positive, n_negative = rule.class_counts(preds.labels, preds.known)
+    included = rule.passes(n_positive, n_negative)
+    for m in metrics.ALL_METRICS:
+        point[m][~included] = np.nan
+        samples[m][:, ~included] = np.nan
     return BootstrapResult(
         label_names=preds.label_names,
         point=point,
         samples=samples,
-        included=~np.isnan(point["auroc"]),
+        included=included,
         n_resamples=n_resamples,
         seed=seed,
-        by_patient=by_patient,
+        unit=resampling_unit(preds, by_image),
+        rule=rule,
+        n_positive=n_positive,
+        n_negative=n_negative,
         thresholds=None if thresholds is None else np.asarray(thresholds, np.float64),
     )
 
 
-def check_paired(a: Predictions, b: Predictions, names: tuple[str, str] = ("A", "B")) -> None:
-    """Raise unless `a` and `b` hold the same cases in the same order with the same labels."""
+def check_paired(
+    a: Predictions, b: Predictions, names: tuple[str, str] = ("A", "B"), by_image: bool = False
+) -> None:
+    """Raise unless `a` and `b` hold the same cases in the same order with the same labels
+    (and, unless `by_image`, the same patients)."""
     na, nb = names
     if a.label_names != b.label_names:
         raise ConfigError(
@@ -269,6 +308,16 @@ def check_paired(a: Predictions, b: Predictions, names: tuple[str, str] = ("A", 
         a.labels[a.known], b.labels[b.known]
     ):
         raise ConfigError(f"{na} and {nb} disagree on the ground-truth labels or mask")
+    # Patient-level resampling draws one set of patients for both: they must agree on them.
+    if by_image:
+        return
+    if (a.patients is None) != (b.patients is None) or (
+        a.patients is not None and not np.array_equal(a.patients, b.patients)
+    ):
+        raise ConfigError(
+            f"{na} and {nb} disagree on patients (one lacks them, or they differ)",
+            "Predict both models on the same prepared split, or pass --by-image.",
+        )
 
 
 @dataclasses.dataclass
@@ -297,14 +346,15 @@ def paired_p_values(
 
     `res_a` and `res_b` must come from `bootstrap` of paired predictions (`check_paired`) with
     the same `counts`. p_label[j] is the fraction of resamples where A's AUROC <= B's, among
-    resamples where both are defined; it is defined (not NaN) only when label j has both classes
-    in the shared test split. That is `included`, a property of the shared ground truth, hence
-    the same for both runs. p_mean is the same fraction for the mean over the included labels.
+    resamples where both are defined; it is defined (not NaN) only when label j passes the
+    small-sample rule in the shared test split. That is `included`, a property of the shared
+    ground truth, hence the same for both runs. p_mean is the same fraction for the mean over
+    the included labels.
     """
-    if (res_a.n_resamples, res_a.seed, res_a.by_patient) != (
+    if (res_a.n_resamples, res_a.seed, res_a.unit) != (
         res_b.n_resamples,
         res_b.seed,
-        res_b.by_patient,
+        res_b.unit,
     ) or not np.array_equal(res_a.included, res_b.included):
         raise ConfigError(
             "paired p-values need both results bootstrapped on the same resamples of the same "
@@ -321,16 +371,19 @@ def paired_bootstrap(
     b: Predictions,
     n_resamples: int = 1000,
     seed: int = 0,
-    by_patient: bool = False,
+    *,
+    by_image: bool = False,
     names: tuple[str, str] = ("A", "B"),
+    rule: SampleRule | None = None,
 ) -> PairedResult:
-    """Bootstrap both models on the same resamples and test whether A's AUROC exceeds B's."""
-    check_paired(a, b, names)
-    if by_patient and not np.array_equal(a.patients, b.patients):
-        raise ConfigError(f"{names[0]} and {names[1]} disagree on patients; cannot pair by patient")
-    counts = draw_counts(a, n_resamples, seed, by_patient)
-    res_a = bootstrap(a, n_resamples, seed, by_patient, counts)
-    res_b = bootstrap(b, n_resamples, seed, by_patient, counts)
+    """Bootstrap both models on the same resamples and test whether A's AUROC exceeds B's.
+
+    By patient when both carry the same `patients` (`check_paired`), unless `by_image`.
+    """
+    check_paired(a, b, names, by_image)
+    counts = draw_counts(a, n_resamples, seed, by_image)
+    res_a = bootstrap(a, n_resamples, seed, by_image=by_image, counts=counts, rule=rule)
+    res_b = bootstrap(b, n_resamples, seed, by_image=by_image, counts=counts, rule=rule)
     p_label, p_mean = paired_p_values(res_a, res_b)
     return PairedResult(a=res_a, b=res_b, p_label=p_label, p_mean=p_mean)
 

@@ -26,6 +26,10 @@ ECE_BINS = 15
 # Probabilities are clipped this far from 0 and 1 before taking logits (float32 sigmoids
 # saturate to exactly 1.0).
 _EPS = 1e-12
+# log T is searched in [-5, 5]: T from 0.007 to 148, far beyond any sensible network's range.
+# A fit that ends at a bound found no minimum there (a separable validation split drives the NLL
+# towards T -> 0): the temperature is an artefact of the bound, not a calibration.
+LOG_T_BOUND = 5.0
 
 
 def equal_width_bins(scores: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
@@ -129,12 +133,20 @@ def fit_temperature(
         yj, zj = y[known[:, j], j], z[known[:, j], j]
         if yj.size == 0 or yj.min() == yj.max():
             continue
-        # log T in [-5, 5]: T from 0.007 to 148, far beyond any sensible network's range.
         res = optimize.minimize_scalar(
-            _nll, bounds=(-5.0, 5.0), args=(zj, yj), method="bounded", options={"xatol": 1e-10}
+            _nll,
+            bounds=(-LOG_T_BOUND, LOG_T_BOUND),
+            args=(zj, yj),
+            method="bounded",
+            options={"xatol": 1e-10},
         )
         out[j] = float(np.exp(res.x))
     return out
+
+
+def at_bound(temperature: np.ndarray) -> np.ndarray:
+    """(L,) bool: temperatures `fit_temperature` left at (within 1e-3 in log T of) its bound."""
+    return np.abs(np.log(np.asarray(temperature, np.float64))) >= LOG_T_BOUND - 1e-3
 
 
 def apply_temperature(probs: np.ndarray, temperature: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ The label mean: each case's structural components, scaled as above, are summed o
 (in each label the case is positive, negative or masked) and the variance of the mean difference
 is the sum over cases of the squared totals divided by L^2. For one label that is DeLong's
 variance; over several it adds the covariances between labels measured on the same cases.
+Only labels passing the small-sample rule (`sample_rule`) are tested and summed: with one case of
+a class a label's variance is undefined (NaN), and one such label would make the total NaN.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from cxrjax.evaluation.predictions import Predictions
+from cxrjax.evaluation.sample_rule import SampleRule
 
 
 @dataclasses.dataclass
@@ -92,23 +95,21 @@ def case_components(
     return float(auc[0]), float(auc[1]), c
 
 
-def delong_test(a: Predictions, b: Predictions) -> DelongResult:
+def delong_test(a: Predictions, b: Predictions, rule: SampleRule | None = None) -> DelongResult:
     """DeLong's paired test of H1 'A has the higher AUROC', per label and for the label mean.
 
-    `a` and `b` must be paired (`bootstrap.check_paired`). A label without both classes among its
-    known cases gives NaN and is left out of the mean.
+    `a` and `b` must be paired (`bootstrap.check_paired`). A label failing `rule` (default
+    `SampleRule()`) gives NaN and is left out of the mean and its variance.
     """
+    rule = rule or SampleRule()
     num_cases, num_labels = a.labels.shape
     known = a.known
     out = {k: np.full(num_labels, np.nan) for k in ("auc_a", "auc_b", "var", "z", "p", "p2")}
     total = np.zeros(num_cases)
-    included = np.zeros(num_labels, bool)
-    for j in range(num_labels):
+    included = rule.passes(*rule.class_counts(a.labels, known))
+    for j in np.flatnonzero(included):
         k = known[:, j]
         y = a.labels[k, j]
-        if y.size == 0 or y.min() == y.max():
-            continue
-        included[j] = True
         auc_a, auc_b, c = case_components(y, a.probs[k, j], b.probs[k, j])
         var = float(np.sum(c**2))
         z, p, p2 = _p_values(auc_a - auc_b, var)

@@ -111,7 +111,9 @@ def weighted_fixed_stats(
 ) -> dict[str, np.ndarray]:
     """Every name in FIXED_METRICS as an (R,) array at one fixed threshold, per weight vector.
 
-    NaN where a weight vector leaves a class empty, or the threshold is NaN.
+    A metric is NaN only where the class it is conditioned on is empty in a weight vector:
+    sensitivity, PPV and F1 need positives, specificity and NPV negatives (a test split without
+    positives still has a specificity). All are NaN when the threshold is NaN.
     """
     y = np.asarray(labels).astype(bool)
     w = np.asarray(weights)
@@ -132,7 +134,9 @@ def weighted_fixed_stats(
             "fixed_npv": np.where(tn + fn > 0, tn / np.maximum(tn + fn, 1), 0.0),
             "fixed_f1": 2 * tp / (2 * tp + fp + fn),
         }
-    degenerate = (tp + fn == 0) | (tn + fp == 0)
-    for v in out.values():
-        v[degenerate] = np.nan
+    no_pos, no_neg = tp + fn == 0, tn + fp == 0
+    for k in ("fixed_sensitivity", "fixed_ppv", "fixed_f1"):
+        out[k][no_pos] = np.nan
+    for k in ("fixed_specificity", "fixed_npv"):
+        out[k][no_neg] = np.nan
     return out

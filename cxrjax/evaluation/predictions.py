@@ -2,7 +2,9 @@
 
 Keys: `labels` (N, L float, 0/1; any value where masked), `probs` (N, L float), optional `mask`
 (N, L bool, True = label known), `label_names` (L str), `ids` (N str, salted hashes of image ids),
-optional `patients` (N str, salted hashes of patient ids, for the patient-level bootstrap).
+optional `patients` (N str, salted hashes of patient ids, for the patient-level bootstrap),
+optional `model_label_names` (L str: the model output that scored each column, written by
+external validation, where the columns carry the evaluated dataset's label names).
 Strings are stored as fixed-width unicode arrays so the file loads with `allow_pickle=False`.
 """
 
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 
 import numpy as np
 
 from cxrjax.errors import CxrjaxError
 
 _REQUIRED = ("labels", "probs", "label_names", "ids")
-_OPTIONAL = ("mask", "patients")
+_OPTIONAL = ("mask", "patients", "model_label_names")
 
 
 class PredictionsError(CxrjaxError, ValueError):
@@ -36,6 +39,7 @@ class Predictions:
     ids: np.ndarray
     mask: np.ndarray | None = None
     patients: np.ndarray | None = None
+    model_label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.float64)
@@ -48,6 +52,8 @@ class Predictions:
             self.mask = np.asarray(self.mask, dtype=bool)
         if self.patients is not None:
             self.patients = np.asarray(self.patients).astype(str)
+        if self.model_label_names is not None:
+            self.model_label_names = [str(n) for n in self.model_label_names]
         self.validate()
 
     @property
@@ -82,6 +88,11 @@ class Predictions:
             raise PredictionsError(
                 f"{source}: patients shape {self.patients.shape}, expected ({n},)"
             )
+        if self.model_label_names is not None and len(self.model_label_names) != num_labels:
+            raise PredictionsError(
+                f"{source}: {len(self.model_label_names)} model_label_names for {num_labels} "
+                "label columns"
+            )
         known = self.known
         if not np.all(np.isin(self.labels[known], (0.0, 1.0))):
             bad = np.unique(self.labels[known][~np.isin(self.labels[known], (0.0, 1.0))])[:5]
@@ -106,17 +117,35 @@ def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
         arrays["mask"] = preds.mask
     if preds.patients is not None:
         arrays["patients"] = preds.patients.astype(str)
+    if preds.model_label_names is not None:
+        arrays["model_label_names"] = np.asarray(preds.model_label_names, dtype=str)
     # np.savez appends .npz to names lacking it; open the file ourselves so `path` is exact.
     with open(path, "wb") as f:
         np.savez(f, **arrays)
 
 
 def load_predictions(path: str | os.PathLike) -> Predictions:
-    """Read and validate a predictions file; never unpickles."""
+    """Read and validate a predictions file; never unpickles.
+
+    A file that is not a readable .npz (empty, truncated by an interrupted copy, another format)
+    raises PredictionsError naming it, as a file with bad contents does.
+    """
+    unreadable = (
+        f"{path}: not a readable predictions file (empty, truncated or not an .npz)",
+        "Write it again (cxrjax.predict, or evaluate --workdir), or copy it again in full.",
+    )
+    with open(path, "rb") as f:
+        # np.load reads a .npy or a pickle as readily as an .npz: insist on a zip archive.
+        if not zipfile.is_zipfile(f):
+            raise PredictionsError(*unreadable)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise PredictionsError(*unreadable) from e
     except ValueError as e:
+        if "pickle" not in str(e):
+            raise PredictionsError(*unreadable) from e
         raise PredictionsError(
             f"{path}: holds object arrays ({e}); store strings as str arrays, not objects"
         ) from e
@@ -134,6 +163,9 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
             ids=arrays["ids"],
             mask=arrays.get("mask"),
             patients=arrays.get("patients"),
+            model_label_names=(
+                arrays["model_label_names"].tolist() if "model_label_names" in arrays else None
+            ),
         )
     except ValueError as e:
         raise PredictionsError(f"{path}: {e}") from e
