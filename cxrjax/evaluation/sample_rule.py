@@ -55,13 +55,19 @@ class SampleRule:
         )
 
     def reason(self, positives: int, negatives: int) -> str:
-        """Why a label fails, e.g. 'fewer than 10 positives (1)'."""
+        """Why a label fails, e.g. 'only 1 positive (the rule needs 10 of each class)'."""
+        positives, negatives = int(positives), int(negatives)
         parts = []
         if positives < self.min_positives:
             parts.append(f"{positives} positive{'s' * (positives != 1)}")
         if negatives < self.min_negatives:
             parts.append(f"{negatives} negative{'s' * (negatives != 1)}")
-        return f"{' and '.join(parts)}; needs {self.min_positives}/{self.min_negatives}"
+        need = (
+            f"{self.min_positives} of each class"
+            if self.min_positives == self.min_negatives
+            else f"{self.min_positives} positives and {self.min_negatives} negatives"
+        )
+        return f"only {' and '.join(parts)} (the rule needs {need})"
 
     def to_json(self) -> dict[str, Any]:
         return {
