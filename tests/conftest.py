@@ -1,9 +1,24 @@
-"""Test-wide setup: 4 fake CPU devices, so sharded code runs as it would on 4 GPUs."""
+"""Test-wide setup: 4 fake CPU devices, so sharded code runs as it would on 4 GPUs.
 
+One persistent compilation cache per pytest run: most tests train the same tiny model on the
+same shapes, in this process and in the subprocesses they start (which inherit the variables),
+so each distinct program is compiled once per run instead of once per test. It starts empty,
+so a run never depends on what an earlier one compiled.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="cxrjax-tests-jit-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 from absl import flags  # noqa: E402
 
