@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from cxrjax.errors import ConfigError
+
 DATASETS = ("vindr", "chestxray14", "chexpert", "mimic", "padchest", "csv")
 
 
@@ -19,7 +21,7 @@ def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(
+            raise ConfigError(
                 f"config argument {item!r}: expected key=value with key in {sorted(defaults)}"
             )
         out[key] = value
@@ -36,7 +38,7 @@ def weights_root() -> str:
 
 def base_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
     if dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r}: use one of {DATASETS}")
+        raise ConfigError(f"dataset {dataset!r}: use one of {DATASETS}")
     c = ml_collections.ConfigDict()
     c.experiment = experiment
     c.init = experiment

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -87,16 +88,24 @@ def progress(
     )
 
 
+# Cursor moves and erases (ESC[A, ESC[K ...) that tqdm writes to place nested bars.
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 class _Lines:
-    """A file for tqdm that turns each carriage-return redraw into one whole line (logs)."""
+    """A file for tqdm that turns each redraw into one whole line, without escape codes (logs).
+
+    On a terminal a nested bar (validation inside training) is drawn one row below with cursor
+    moves; in a log those codes are noise, so they are dropped and every redraw is a line.
+    """
 
     def __init__(self, stream: Any):
         self._stream = stream
 
     def write(self, text: str) -> None:
-        text = text.replace("\r", "").rstrip()
-        if text:
-            self._stream.write(text + "\n")
+        for line in _ESCAPES.sub("", text).replace("\r", "\n").split("\n"):
+            if line.strip():
+                self._stream.write(line.rstrip() + "\n")
 
     def flush(self) -> None:
         self._stream.flush()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cxrjax.errors import ConfigError
 from cxrjax.models.lora import is_lora_param
 
 
@@ -27,7 +28,7 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.
         return optax.warmup_cosine_decay_schedule(
             0.0, config.lr, min(config.warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1)
         )
-    raise ValueError(f"config.schedule={config.schedule!r}: use 'constant' or 'warmup_cosine'")
+    raise ConfigError(f"config.schedule={config.schedule!r}: use 'constant' or 'warmup_cosine'")
 
 
 def _layer_id(path: tuple[str, ...], depth: int) -> int:

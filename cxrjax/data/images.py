@@ -22,7 +22,7 @@ import scipy.ndimage
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from cxrjax.errors import CxrjaxError, MissingInputError
+from cxrjax.errors import ConfigError, CxrjaxError, MissingInputError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -67,11 +67,13 @@ class PreprocessOptions:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize={self.resize!r}; use one of {RESIZE_MODES}")
+            raise ConfigError(f"resize={self.resize!r}; use one of {RESIZE_MODES}")
         if self.resample not in RESAMPLE_MODES:
-            raise ValueError(f"resample={self.resample!r}; use one of {RESAMPLE_MODES}")
+            raise ConfigError(f"resample={self.resample!r}; use one of {RESAMPLE_MODES}")
         if self.size < 8:
-            raise ValueError(f"size={self.size} is too small for a radiograph; use e.g. 224 or 512")
+            raise ConfigError(
+                f"size={self.size} is too small for a radiograph; use e.g. 224 or 512"
+            )
 
 
 def looks_like_dicom(path: str | Path) -> bool:
@@ -265,7 +267,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def preprocess(image: np.ndarray, options: PreprocessOptions) -> np.ndarray:
     """Raw 2-D image -> (size, size) uint8: resize, min-max to uint8, optional equalisation."""
     if image.ndim != 2:
-        raise ValueError(f"preprocess needs a 2-D gray image, got shape {image.shape}")
+        raise ConfigError(f"preprocess needs a 2-D gray image, got shape {image.shape}")
     image = np.asarray(image, dtype=np.float32)
     size = options.size
     if options.resize == "squash":

@@ -32,6 +32,7 @@ import numpy as np
 
 from cxrjax.data import shards
 from cxrjax.data.device_augment import NUM_UNIFORMS, Augment, geometry, intensity_curve
+from cxrjax.errors import ConfigError
 
 # The study's flip p=0.5 and rotation +-7 degrees.
 STUDY_AUGMENT = Augment()
@@ -170,7 +171,7 @@ def _open(info: shards.DatasetInfo, split: str, fraction: float = 1.0):
 
 def local_batch_size(global_batch_size: int) -> int:
     if global_batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"batch size {global_batch_size} must divide over {jax.process_count()} processes"
         )
     return global_batch_size // jax.process_count()
@@ -293,7 +294,7 @@ class TrainIterator:
         expected = self._loader.fingerprint
         mismatch = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
         if mismatch:
-            raise ValueError(
+            raise ConfigError(
                 "the saved data-iterator state belongs to a different input pipeline "
                 f"(saved, now): {mismatch}; resume with the original seed, batch size and data"
             )
@@ -350,11 +351,11 @@ def train_loader(
     `worker_count` > 0 adds that many grain worker processes, each with its own threads.
     """
     if not 0 <= label_noise < 1:
-        raise ValueError(f"label_noise {label_noise} must lie in [0, 1)")
+        raise ConfigError(f"label_noise {label_noise} must lie in [0, 1)")
     source, indices = _open(info, "train", fraction)
     n = len(source) if indices is None else len(indices)
     if n < batch_size:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+        raise ConfigError(f"batch size {batch_size} exceeds the {n} training examples")
     batches = _LocalBatch(
         source,
         indices,

@@ -132,7 +132,9 @@ def _as_dtype(value: Any) -> Any:
         try:
             return jnp.dtype(value).type
         except TypeError:
-            raise ValueError(f"Unknown dtype {value!r}; use e.g. 'float32' or 'bfloat16'") from None
+            raise ConfigError(
+                f"Unknown dtype {value!r}; use e.g. 'float32' or 'bfloat16'"
+            ) from None
     return value
 
 
@@ -141,7 +143,7 @@ def model_kwargs(variant: str, **overrides: Any) -> dict[str, Any]:
     spec = get_spec(variant)
     unknown = set(overrides) - _OVERRIDABLE
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown override(s) {sorted(unknown)} for {variant}; valid: {sorted(_OVERRIDABLE)}"
         )
     kwargs = dict(spec.kwargs)
@@ -151,7 +153,7 @@ def model_kwargs(variant: str, **overrides: Any) -> dict[str, Any]:
     if "lora_targets" in kwargs:
         kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
     if kwargs["image_size"] % kwargs["patch_size"]:
-        raise ValueError(
+        raise ConfigError(
             f"image_size {kwargs['image_size']} is not a multiple of the patch size "
             f"{kwargs['patch_size']} of {variant}"
         )
@@ -168,7 +170,7 @@ def create_model(variant: str, num_classes: int, **overrides: Any) -> VisionTran
     feature extractor.
     """
     if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
     return VisionTransformer(num_classes=num_classes, **model_kwargs(variant, **overrides))
 
 
@@ -195,7 +197,7 @@ def flops_per_image(variant: str, image_size: int | None = None, num_classes: in
     size = image_size or spec.image_size
     p, d, hidden = k["patch_size"], k["width"], k["mlp_dim"]
     if size % p:
-        raise ValueError(f"image_size {size} is not a multiple of the patch size {p}")
+        raise ConfigError(f"image_size {size} is not a multiple of the patch size {p}")
     n = (size // p) ** 2
     t = n + int(k["class_token"]) + k["num_registers"]
     mlp_macs = 3 * t * d * hidden if k["mlp_kind"] == "swiglu" else 2 * t * d * hidden

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxrjax.errors import ConfigError
 from cxrjax.models.lora import LORA_TARGETS, Projection, lora_scale
 from cxrjax.models.posemb import resample_posemb
 from cxrjax.models.rope import rope_tables
@@ -77,7 +78,7 @@ class Attention(nn.Module):
     def __call__(self, x: jnp.ndarray, rope: Rope = None) -> jnp.ndarray:
         width = x.shape[-1]
         if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
         def proj(name: str, features: tuple[int, ...], axis: tuple[int, ...], **kw: Any):
@@ -145,7 +146,7 @@ class Mlp(nn.Module):
             h1, h2 = jnp.split(h, 2, axis=-1)
             h = nn.silu(h1) * h2
         else:
-            raise ValueError(f"Unknown mlp kind {self.kind!r}; use 'gelu' or 'swiglu'")
+            raise ConfigError(f"Unknown mlp kind {self.kind!r}; use 'gelu' or 'swiglu'")
         h = nn.Dropout(self.dropout)(h, deterministic)
         h = dense("fc2", width)(h)
         return nn.Dropout(self.dropout)(h, deterministic)
@@ -293,16 +294,16 @@ class VisionTransformer(nn.Module):
     def patch_grid(self, images: jnp.ndarray) -> tuple[int, int]:
         """The (rows, columns) patch grid of (B, H, W, 3) ``images``; checks the options too."""
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Expected images of shape (B, H, W, 3), got {images.shape}")
+            raise ConfigError(f"Expected images of shape (B, H, W, 3), got {images.shape}")
         if self.pool not in POOLS or (self.pool in ("cls", "cls_mean") and not self.class_token):
-            raise ValueError(f"pool={self.pool!r} needs one of {POOLS} (cls needs a CLS token)")
+            raise ConfigError(f"pool={self.pool!r} needs one of {POOLS} (cls needs a CLS token)")
         if self.posemb not in ("learned", "rope"):
-            raise ValueError(f"posemb={self.posemb!r}: use 'learned' or 'rope'")
+            raise ConfigError(f"posemb={self.posemb!r}: use 'learned' or 'rope'")
         if set(self.lora_targets) - set(LORA_TARGETS):
-            raise ValueError(f"lora_targets {self.lora_targets}: choose from {LORA_TARGETS}")
+            raise ConfigError(f"lora_targets {self.lora_targets}: choose from {LORA_TARGETS}")
         h, w = images.shape[1:3]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}; "
                 "resize or crop the input to a multiple of it."
             )

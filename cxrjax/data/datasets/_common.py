@@ -84,7 +84,7 @@ def select_labels(
 
 def check_uncertain(uncertain: str) -> None:
     if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain={uncertain!r}; use one of {UNCERTAIN_POLICIES}")
+        raise ConfigError(f"uncertain={uncertain!r}; use one of {UNCERTAIN_POLICIES}")
 
 
 def chexpert_coding(values: pd.Series, uncertain: str, *, path: Path, column: str) -> np.ndarray:

@@ -18,6 +18,7 @@ from cxrjax.data.datasets._common import (
 )
 from cxrjax.data.datasets.labels import canonical, normalise, subsets_for
 from cxrjax.data.table import RawTable
+from cxrjax.errors import ConfigError
 
 AGGREGATIONS = ("majority", "any")
 STUDY_LABELS = (
@@ -136,7 +137,7 @@ def read_vindr(
     """
     del uncertain
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r}; use one of {AGGREGATIONS}")
+        raise ConfigError(f"aggregation={aggregation!r}; use one of {AGGREGATIONS}")
     raw_dir = Path(raw_dir).expanduser().resolve()
     if (raw_dir / "annotations").is_dir():
         images, available, source = _physionet(raw_dir, aggregation)
