@@ -125,3 +125,10 @@ def test_resume_after_interrupt_keeps_skipped_images_accounted(tmp_path, monkeyp
 
     with pytest.raises(ConfigError, match="seed: existing 0, now 1"):
         prepare_dataset(table, tmp_path / "b", **{**kwargs, "seed": 1})
+
+
+def test_one_pos_weight_rule_for_a_label_without_positives():
+    from cxrjax.data import shards
+
+    weights = shards.pos_weight(np.array([2, 0, 5]), np.array([10, 8, 5]))
+    np.testing.assert_allclose(weights, [4.0, 1.0, 0.0])

@@ -96,8 +96,7 @@ def train_head(
     mean, std = x.mean(0), x.std(0) + 1e-6  # standardised features: one lr fits every backbone
     known = train["mask"].sum(0)
     positives = (train["labels"] * train["mask"]).sum(0)
-    ratio = (known - positives) / np.maximum(positives, 1)
-    pos_weight = jnp.asarray(np.where(positives > 0, ratio, 1.0))
+    pos_weight = jnp.asarray(shards.pos_weight(positives, known))
     labels, mask = jnp.asarray(train["labels"]), jnp.asarray(train["mask"], jnp.float32)
     params = init_head(kind, x.shape[1], len(label_names), hidden, seed)
     params["mean"], params["std"] = mean, std

@@ -139,9 +139,7 @@ def pos_weight(sources: Sequence[Source], labels: Sequence[str]) -> np.ndarray:
                 key = name if name in stored else _stored_name(stored, name)
                 positives[j] += stored[key]
                 known[j] += train["images"] - train["masked"][key]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (known - positives) / positives
-    return np.where(np.isfinite(ratio), ratio, 1.0).astype(np.float32)
+    return shards.pos_weight(positives, known)
 
 
 def _stored_name(stored: dict, name: str) -> str:

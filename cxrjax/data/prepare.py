@@ -122,8 +122,8 @@ def split_counts(
 
 def _pos_weight(labels: np.ndarray) -> list[float]:
     positives = np.sum(labels == 1, axis=0)
-    negatives = np.sum(labels == 0, axis=0)
-    return (negatives / np.maximum(positives, 1)).astype(float).tolist()
+    known = positives + np.sum(labels == 0, axis=0)
+    return shards.pos_weight(positives, known).astype(float).tolist()
 
 
 def prepare_dataset(

@@ -227,6 +227,16 @@ class SplitWriter:
         return [p.name for p in self._paths]
 
 
+def pos_weight(positives: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The BCE weight of each label's positives: negatives / positives over the images that
+    know the label. A label without a training positive gets 1: there is nothing to up-weight,
+    and dividing by zero (or by 1, which gave the negative count) would be arbitrary."""
+    positives, known = np.asarray(positives, np.float64), np.asarray(known, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (known - positives) / positives
+    return np.where(positives > 0, ratio, 1.0).astype(np.float32)
+
+
 @dataclasses.dataclass
 class DatasetInfo:
     """What the trainer needs to know about a prepared dataset (from dataset_info.json)."""
