@@ -157,6 +157,10 @@ class RunDir:
         names it as the dataset (readable by tools/compare.py like a run directory)."""
         return RunDir(self.path / "sources" / name)
 
+    def source_views(self) -> list[RunDir]:
+        """The sources/<name>/ views a finished multi-source run wrote (none for one source)."""
+        return [RunDir(p.parent) for p in sorted(self.path.glob(f"sources/*/{self.CONFIG}"))]
+
     # ------------------------------------------------------------------ reading
     def is_run(self) -> bool:
         return (self.path / self.FACTS).is_file()
@@ -179,6 +183,11 @@ class RunDir:
     def read_facts(self) -> RunFacts:
         path = self.require().path / self.FACTS
         return RunFacts.from_json(_read_json(path), path)
+
+    def read_recorded_facts(self) -> dict[str, Any]:
+        """run.json as written, also by runs from before it held every fact: converting such a
+        run needs only its variant, labels and image size, which every run recorded."""
+        return _read_json(self.require().path / self.FACTS)
 
     def read_config(self) -> ml_collections.ConfigDict:
         path = self.path / self.CONFIG

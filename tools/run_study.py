@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             finished.append(str(job.done_marker))
         elif " pooled " in job.name:
             # A multi-source run compares per source: its sources/<name>/ views.
-            finished += sorted(str(p.parent) for p in job.workdir.glob("sources/*/config.json"))
+            finished += [str(view.path) for view in RunDir(job.workdir).source_views()]
         elif job.workdir:
             finished.append(str(job.workdir))
     if args.compare_out and finished:

@@ -16,7 +16,7 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
-from cxrjax.data.datasets.labels import subsets_for
+from cxrjax.data.datasets.labels import MIMIC_LABELS, subsets_for
 from cxrjax.data.table import RawTable
 
 # Canonical label name -> code in `Finding Labels`.
@@ -37,15 +37,9 @@ CODES = {
     "pneumonia": "Pneumonia",
     "pneumothorax": "Pneumothorax",
 }
-# The study's 14 (Infiltration dropped).
+# The study's labels: the seven of its MIMIC-CXR pretraining, then this dataset's own.
 STUDY_LABELS = (
-    "cardiomegaly",
-    "pleural_effusion",
-    "pneumonia",
-    "atelectasis",
-    "no_finding",
-    "consolidation",
-    "pneumothorax",
+    *MIMIC_LABELS,
     "fibrosis",
     "emphysema",
     "hernia",

@@ -16,7 +16,7 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
-from cxrjax.data.datasets.labels import subsets_for
+from cxrjax.data.datasets.labels import MIMIC_LABELS, subsets_for
 from cxrjax.data.table import RawTable
 
 # Canonical label name -> CheXpert-labeler column (shared by MIMIC-CXR-JPG).
@@ -36,14 +36,9 @@ COLUMNS = {
     "fracture": "Fracture",
     "support_devices": "Support Devices",
 }
+# The study's labels: the seven of its MIMIC-CXR pretraining, then this dataset's own.
 STUDY_LABELS = (
-    "cardiomegaly",
-    "pleural_effusion",
-    "pneumonia",
-    "atelectasis",
-    "no_finding",
-    "consolidation",
-    "pneumothorax",
+    *MIMIC_LABELS,
     "lung_opacity",
     "lung_lesion",
     "fracture",

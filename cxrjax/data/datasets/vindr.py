@@ -16,19 +16,14 @@ from cxrjax.data.datasets._common import (
     read_csv_checked,
     select_labels,
 )
-from cxrjax.data.datasets.labels import canonical, normalise, subsets_for
+from cxrjax.data.datasets.labels import MIMIC_LABELS, canonical, normalise, subsets_for
 from cxrjax.data.table import RawTable
 from cxrjax.errors import ConfigError
 
 AGGREGATIONS = ("majority", "any")
+# The study's labels: the seven of its MIMIC-CXR pretraining, then this dataset's own.
 STUDY_LABELS = (
-    "cardiomegaly",
-    "pleural_effusion",
-    "pneumonia",
-    "atelectasis",
-    "no_finding",
-    "consolidation",
-    "pneumothorax",
+    *MIMIC_LABELS,
     "pleural_thickening",
     "lung_opacity",
     "pulmonary_fibrosis",
