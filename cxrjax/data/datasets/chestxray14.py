@@ -37,7 +37,7 @@ CODES = {
     "pneumonia": "Pneumonia",
     "pneumothorax": "Pneumothorax",
 }
-# The study's labels: the seven of its MIMIC-CXR pretraining, then this dataset's own.
+# The study's 14: the seven of its MIMIC-CXR pretraining, then ChestX-ray14's (no Infiltration).
 STUDY_LABELS = (
     *MIMIC_LABELS,
     "fibrosis",
