@@ -70,5 +70,18 @@ def cli(main: Callable[..., T]) -> Callable[..., T | int]:
     return wrapped
 
 
+def run_main(main: Callable[..., object], *args: object) -> None:
+    """The end of a tool: `if __name__ == "__main__": run_main(main)`.
+
+    Exits with `main`'s status when it returns an int (0 otherwise), and with status 2 and the
+    message, never a traceback, when it raises a `CxrjaxError`.
+    """
+    try:
+        status = main(*args)
+    except CxrjaxError as e:
+        sys.exit(report_and_exit(e))
+    sys.exit(status if isinstance(status, int) else 0)
+
+
 class NonFiniteError(CxrjaxError, FloatingPointError):
     """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""

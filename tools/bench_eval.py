@@ -20,6 +20,7 @@ import time
 import numpy as np
 from sklearn import metrics as skm
 
+from cxrjax.errors import run_main
 from cxrjax.evaluation import bootstrap as bs
 from cxrjax.evaluation import calibration
 from cxrjax.evaluation.predictions import Predictions
@@ -152,4 +153,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,6 +36,7 @@ from cxrjax.config_base import base_config
 from cxrjax.data import pipeline, shards
 from cxrjax.engine import state as train_state
 from cxrjax.engine import step as steps
+from cxrjax.errors import run_main
 from cxrjax.models import flops_per_image, get_spec
 
 # Dense bf16 peak FLOP/s per device kind (vendor datasheets, no sparsity).
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from cxrjax.config_base import data_root
+from cxrjax.errors import run_main
 from cxrjax.run_dir import RunDir
 
 STUDY_INITS = ("ssl_nonmed", "sup_nonmed", "sup_med", "scratch")
@@ -324,4 +325,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
