@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cxrjax.config_base import data_root
+from cxrjax.config_base import DATASETS, data_root
 from cxrjax.errors import run_main
 from cxrjax.run_dir import RunDir
 
@@ -251,7 +251,7 @@ def submit(jobs: list[Job], executor, slurm: bool, cwd: str) -> dict[str, object
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["vindr"])
+    parser.add_argument("--datasets", nargs="+", default=["vindr"], choices=DATASETS)
     parser.add_argument(
         "--inits", nargs="+", default=list(STUDY_INITS), choices=INITS,
         help=f"default: the study's {', '.join(STUDY_INITS)}; also {', '.join(NEW_INITS)}",
