@@ -20,13 +20,15 @@ torch = pytest.importorskip("torch")
 
 from cxrjax.models import VisionTransformer, create_model  # noqa: E402
 from cxrjax.models.convert import (  # noqa: E402
+    DINO_HEAD_FILE,
+    convert_dino_head,
     convert_source,
     convert_timm,
     detect_format,
     match_variant,
 )
 from cxrjax.models.pretrained import load_pretrained  # noqa: E402
-from cxrjax.models.weights import CheckpointError  # noqa: E402
+from cxrjax.models.weights import MASK_TOKEN, CheckpointError, flatten, read_weights  # noqa: E402
 
 ATOL = 1e-4
 
@@ -216,7 +218,9 @@ def test_official_dinov2_pth_matches_timm_loading_it(tmp_path, registers, swiglu
     ref.load_state_dict(timm_vit.checkpoint_filter_fn(dict(official), ref))
     assert detect_format(path) == "dinov2"
     conv = convert_source(path, num_heads=4)
-    assert conv.source_format == "dinov2" and "mask_token" in conv.unused
+    assert conv.source_format == "dinov2" and conv.unused == []
+    # The trained mask token is kept, as the (width,) vector the SSL student holds.
+    np.testing.assert_array_equal(conv.params[MASK_TOKEN], official["mask_token"].numpy()[0])
     assert conv.arch["mlp_kind"] == ("swiglu" if swiglu else "gelu")
     x = _inputs(56, seed=3)
     _, feats = _flax(conv, 0, "timm")(x)
@@ -323,12 +327,12 @@ def test_hf_models_match(tmp_path, kind, extra):
     model.save_pretrained(tmp_path / "hf")
     assert detect_format(tmp_path / "hf") == "hf"
     conv = convert_source(tmp_path / "hf")
-    # ViTModel's tanh pooler is not part of cxrjax's model (the head reads the normed CLS token);
-    # DINOv2's mask token only serves masked-image pretraining.
-    unused = (
-        ["pooler.dense.bias", "pooler.dense.weight"] if kind == "vit" else ["embeddings.mask_token"]
-    )
-    assert conv.unused == unused
+    # ViTModel's tanh pooler is not part of cxrjax's model (the head reads the normed CLS token).
+    assert conv.unused == (["pooler.dense.bias", "pooler.dense.weight"] if kind == "vit" else [])
+    if kind != "vit":
+        token = model.embeddings.mask_token.detach().numpy()
+        assert np.abs(token).min() > 0  # randomised, so a dropped token (zeros) cannot pass
+        np.testing.assert_array_equal(conv.params[MASK_TOKEN], token[0])
     native = extra["image_size"]
     # transformers 5 resamples position embeddings with antialiasing only for the register model.
     resample = "timm" if kind == "dinov2_reg" else "hf"
@@ -447,3 +451,174 @@ def test_rad_dino_tag_from_518_to_224_px(tmp_path):
     with torch.no_grad():
         ref = model(pixel_values=_torch_in(x)).pooler_output.numpy()
     _check(np.asarray(feats), ref, "RAD-DINO CLS features at 224 px from 518 px weights")
+
+
+# --------------------------------------------------------------------------- SSL pieces
+
+
+class _TorchDINOHead(torch.nn.Module):
+    """DINOv2's DINOHead (dinov2/layers/dino_head.py, use_bn=False) transcribed; ``norm`` picks
+    how its last layer stores the weight norm (or, "none", a plain Linear)."""
+
+    def __init__(self, in_dim: int, out_dim: int, nlayers: int, hidden: int, bottleneck: int, norm):
+        super().__init__()
+        if nlayers == 1:
+            self.mlp = torch.nn.Linear(in_dim, bottleneck)
+        else:
+            layers = [torch.nn.Linear(in_dim, hidden), torch.nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [torch.nn.Linear(hidden, hidden), torch.nn.GELU()]
+            self.mlp = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, bottleneck))
+        last = torch.nn.Linear(bottleneck, out_dim, bias=False)
+        wn = torch.nn.utils
+        self.last_layer = {
+            "weight_norm": lambda m: wn.weight_norm(m),
+            "parametrizations": lambda m: wn.parametrizations.weight_norm(m),
+            "none": lambda m: m,
+        }[norm](last)
+
+    def forward(self, x):
+        x = torch.nn.functional.normalize(self.mlp(x), dim=-1, p=2, eps=1e-12)
+        return self.last_layer(x)
+
+
+def _dino_head_sd(norm: str, nlayers: int, width: int, prefix: str = "") -> tuple:
+    """(torch head with random weights and gains, its state dict as numpy, prefixed)."""
+    head = _TorchDINOHead(width, 40, nlayers, 32, 16, norm)
+    _randomize(head, seed=9)  # gains too: a converter that drops them cannot pass
+    sd = {prefix + k: v.detach().numpy() for k, v in head.state_dict().items()}
+    return head.eval(), sd
+
+
+@pytest.mark.parametrize(
+    "norm,nlayers,prefix",
+    [("weight_norm", 3, ""), ("parametrizations", 2, "dino_head."), ("none", 1, "")],
+)
+def test_dino_head_matches_the_dinov2_head(norm, nlayers, prefix):
+    from cxrjax.ssl.heads import DINOHead
+
+    head, sd = _dino_head_sd(norm, nlayers, 24, prefix)
+    params, unused = convert_dino_head(sd, width=24)
+    assert unused == []
+    assert params["prototypes"].shape == (16, 40) and params["gain"].shape == (40,)
+    ours = DINOHead(num_prototypes=40, hidden_dim=32, bottleneck_dim=16, nlayers=nlayers)
+    x = np.random.default_rng(0).normal(size=(5, 24)).astype(np.float32)
+    cosines = ours.apply({"params": {k: v for k, v in params.items() if k != "gain"}}, x)
+    with torch.no_grad():
+        ref = head(torch.from_numpy(x)).numpy()
+    # The trained gain scales each prototype's cosine; cxrjax's head holds it as `gain`.
+    np.testing.assert_allclose(np.asarray(cosines) * params["gain"], ref, atol=1e-5)
+    with pytest.raises(CheckpointError, match="width 48"):
+        convert_dino_head(sd, width=48)
+
+
+_SMALL96 = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_tiny_dinov2_folder_through_the_cli_keeps_mask_token_and_dino_head(tmp_path, capsys):
+    """A random HF Dinov2Model (vit_tiny14_dinov2's shape) with a DINO head beside it, as
+    RAD-DINO releases them, converted by tools/convert_checkpoint.py."""
+    from safetensors.numpy import save_file
+
+    import tools.convert_checkpoint as cli  # noqa: PLC0415
+
+    model = _hf_model(
+        "dinov2", image_size=28, patch_size=14, mlp_ratio=4, layerscale_value=1e-5, **_SMALL96
+    )
+    model.save_pretrained(tmp_path / "hf")
+    _, head_sd = _dino_head_sd("weight_norm", 3, 96)
+    save_file(head_sd, str(tmp_path / "hf" / DINO_HEAD_FILE))
+    out = tmp_path / "w"
+    assert cli.main(["convert_checkpoint.py", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    assert "not converted" not in capsys.readouterr().out
+    flat, meta = read_weights(out)
+    assert meta["variant"] == "vit_tiny14_dinov2"
+    token = model.embeddings.mask_token.detach().numpy()
+    assert flat[MASK_TOKEN].shape == (96,) and np.abs(token).min() > 0
+    np.testing.assert_array_equal(flat[MASK_TOKEN], token[0])
+    head, _ = convert_dino_head(head_sd, width=96)
+    for key, value in flatten(head).items():
+        np.testing.assert_array_equal(flat[f"dino_head/{key}"], value, err_msg=key)
+
+
+# --------------------------------------------------------------------------- CLI and structure
+
+
+def test_cli_mistakes_print_error_and_exit_2(tmp_path, capsys):
+    import tools.convert_checkpoint as convert_cli  # noqa: PLC0415
+    import tools.export_checkpoint as export_cli  # noqa: PLC0415
+
+    argv = ["convert_checkpoint.py", "X", "--variant", "vit_nosuch", "--out", str(tmp_path / "y")]
+    assert convert_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Unknown model variant 'vit_nosuch'") and "vit_tiny_demo" in err
+    assert "Traceback" not in err
+    missing = tmp_path / "missing"
+    assert export_cli.main(["export_checkpoint.py", str(missing), "--out", "f"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no converted weights at {missing}")
+
+
+def test_list_hides_backend_probing():
+    """A fresh process (jax probes its backends once), as a user runs it."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "--list"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "vit_tiny14_dinov2" in done.stdout
+    assert "Unable to initialize backend" not in done.stderr, done.stderr
+
+
+def test_no_import_cycle_inside_cxrjax():
+    """Module imports (function-level ones too) among cxrjax's modules form no cycle."""
+    import ast  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for f in (root / "cxrjax").rglob("*.py"):
+        parts = f.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def module_of(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for m, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                # "from pkg import module" depends on the module, "from pkg import name" on pkg.
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [t for t in subs if t in files]
+                targets += [node.module] if len(targets) < len(subs) else []
+            else:
+                continue
+            graph[m] |= {t for t in map(module_of, targets) if t and t != m}
+
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, f"import cycle: {' -> '.join([*path, m, n])}"
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

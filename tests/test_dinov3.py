@@ -8,8 +8,6 @@ features agree to 1e-4 (float32) at the native size, at 224 px and on a non-squa
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +20,7 @@ from cxrjax import embed  # noqa: E402
 from cxrjax.models import VisionTransformer, count_params, flops_per_image, get_spec  # noqa: E402
 from cxrjax.models.convert import convert_source, detect_format  # noqa: E402
 from cxrjax.models.rope import periods  # noqa: E402
+from cxrjax.models.weights import MASK_TOKEN, read_weights  # noqa: E402
 from tests.test_convert import _check, _inputs, _randomize, _torch_in  # noqa: E402
 
 _SMALL = dict(
@@ -67,7 +66,9 @@ def test_hf_dinov3_matches(tmp_path, gated):
     ref = _hf(**extra)
     ref.save_pretrained(tmp_path / "hf")
     conv = convert_source(tmp_path / "hf")
-    assert conv.unused == ["embeddings.mask_token"]
+    assert conv.unused == []
+    token = ref.embeddings.mask_token.detach().numpy()  # (1, 1, width), randomised
+    np.testing.assert_array_equal(conv.params[MASK_TOKEN], token.reshape(-1))
     assert conv.arch["posemb"] == "rope" and not conv.arch["key_bias"]
     assert conv.arch["mlp_kind"] == ("swiglu" if gated else "gelu")
     cls_fn, mean_fn = _flax(conv), _flax(conv, pool="mean")
@@ -123,11 +124,13 @@ def test_official_hub_layout_matches(tmp_path, gated):
     extra = dict(use_gated_mlp=True, hidden_act="silu") if gated else {}
     ref = _hf(**extra)
     path = tmp_path / "dinov3_vits16_pretrain.pth"
-    torch.save(_official_state_dict(ref, gated), path)
+    official = _official_state_dict(ref, gated)
+    torch.save(official, path)
     assert detect_format(path) == "dinov3"
     conv = convert_source(path)
     assert conv.arch["num_heads"] == 4  # read from rope_embed.periods
-    assert conv.unused == ["mask_token"]
+    assert conv.unused == []
+    np.testing.assert_array_equal(conv.params[MASK_TOKEN], official["mask_token"].numpy()[0])
     fn = _flax(conv)
     for i, hw in enumerate(_SIZES):
         x = _images(hw, seed=10 + i)
@@ -211,8 +214,12 @@ def test_vit_small_end_to_end_cli_and_embed(tmp_path):
     )
     ref.save_pretrained(tmp_path / "hf")
     out = cli.convert(str(tmp_path / "hf"), str(tmp_path / "w"))
-    meta = json.loads((out / "meta.json").read_text())
+    flat, meta = read_weights(out)
     assert meta["variant"] == "vit_small_patch16_dinov3"
+    # The tool keeps the checkpoint's own mask token, as the SSL student's (width,) vector.
+    np.testing.assert_array_equal(
+        flat[MASK_TOKEN], ref.embeddings.mask_token.detach().numpy().reshape(384)
+    )
     x = _inputs(64, n=3, seed=5)
     np.save(tmp_path / "x.npy", x)
     feats = np.load(embed.run(str(out), [str(tmp_path / "x.npy")], str(tmp_path / "f.npy")))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxrjax.errors import MissingInputError
 from cxrjax.models import create_model
 from cxrjax.models.convert import convert_source, detect_format
 from cxrjax.models.posemb import resample_posemb
@@ -172,5 +173,5 @@ def test_cxrjax_run_without_best_uses_latest_state(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "run.json").write_text((run / "run.json").read_text())
-    with pytest.raises(CheckpointError, match="no saved step"):
+    with pytest.raises(MissingInputError, match="no checkpoint in"):
         convert_source(empty)

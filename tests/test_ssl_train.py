@@ -109,12 +109,9 @@ def test_teacher_is_the_ema_of_the_student(tiny_shards, straight_run):
 
 
 def test_run_initialises_fine_tuning_and_exports(tiny_shards, straight_run, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import export_checkpoint
-
     from configs.demo import get_config
     from cxrjax.engine import trainer
-    from cxrjax.models.convert import convert_cxrjax_run
+    from cxrjax.models.convert import convert_cxrjax_run, export_timm
     from cxrjax.models.weights import flatten
 
     workdir = straight_run[0]
@@ -125,7 +122,7 @@ def test_run_initialises_fine_tuning_and_exports(tiny_shards, straight_run, tmp_
     for key, value in flatten(teacher).items():
         np.testing.assert_array_equal(flatten(converted.params)[key], value)
 
-    out = export_checkpoint.export(workdir, tmp_path / "model.safetensors")
+    out = export_timm(workdir, tmp_path / "model.safetensors")
     assert out.is_file() and out.with_suffix(".json").is_file()
 
     config = get_config()

@@ -28,22 +28,41 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+from cxrjax import console
+from cxrjax.errors import ConfigError
 from cxrjax.models import count_params, flops_per_image, get_spec, list_models
-from cxrjax.models.convert import FORMATS, convert_source, heads_of, match_variant
+from cxrjax.models.convert import (
+    DINO_HEAD_FILE,
+    FORMATS,
+    convert_source,
+    detect_format,
+    heads_of,
+    match_variant,
+)
 from cxrjax.models.registry import list_aliases, list_architectures, list_pretrained
 from cxrjax.models.weights import CheckpointError, save_weights, sha256_file
 
 
-def define_flags() -> None:
-    """Defined only when run as a script, so importing this module never clashes flags."""
-    flags.DEFINE_string("out", None, "Output weights directory.")
-    flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).")
-    flags.DEFINE_string("variant", None, "Registered variant (default: infer from shapes).")
-    flags.DEFINE_string("sha256", None, "Expected sha256 of the downloaded/local file.")
-    flags.DEFINE_bool("list", False, "List architectures and weights tags, params and GFLOPs.")
-    flags.DEFINE_string("cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept.")
+def _flag_values() -> flags.FlagValues:
+    # A private FlagValues: importing this module never clashes with another tool's flags.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "Output weights directory.", flag_values=fv)
+    flags.DEFINE_enum("format", None, FORMATS, "Source format (default: detect).", flag_values=fv)
+    flags.DEFINE_string(
+        "variant", None, "Registered variant (default: infer from shapes).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "sha256", None, "Expected sha256 of the downloaded/local file.", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "list", False, "List architectures and weights tags, params and GFLOPs.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "cache", os.path.expanduser("~/.cache/cxrjax"), "Where downloads are kept.", flag_values=fv
+    )
+    return fv
 
 
 def print_variants() -> None:
@@ -115,6 +134,7 @@ def _hub_download(name: str) -> Path:
                 "preprocessor_config.json",
                 "model.safetensors",
                 "pytorch_model.bin",
+                DINO_HEAD_FILE,  # RAD-DINO's released DINO head, converted beside the backbone
             ]
             return Path(snapshot_download(name, allow_patterns=patterns))
         return Path(hf_hub_download(f"timm/{name}", "model.safetensors"))
@@ -135,6 +155,8 @@ def convert(
     cache: str | Path = "~/.cache/cxrjax",
 ) -> Path:
     """Converts SOURCE into a cxrjax weights directory at ``out``; returns it."""
+    if variant is not None:
+        get_spec(variant)  # a misspelt --variant fails before anything is downloaded or read
     path, named = fetch(source, Path(cache).expanduser())
     variant = variant or named
     digest = sha256_file(path) if path.is_file() else ""
@@ -143,8 +165,6 @@ def convert(
     heads = heads_of(variant) if variant else None
     if heads is None and (fmt or "") in ("", "dinov2", "timm"):
         # Torch state dicts do not reveal the head count: infer the variant from shapes first.
-        from cxrjax.models.convert import detect_format
-
         if (fmt or detect_format(path)) in ("dinov2", "timm"):
             probe = convert_source(path, fmt, num_heads=1)
             variant = match_variant(probe.arch)
@@ -177,26 +197,29 @@ def convert(
     return Path(out)
 
 
-def main(argv: list[str]) -> None:
-    if flags.FLAGS.list:
+def _main(fv: flags.FlagValues, positional: list[str]) -> int:
+    if fv.list:
         print_variants()
-        return
-    if len(argv) != 2 or not flags.FLAGS.out:
-        raise app.UsageError("usage: convert_checkpoint.py SOURCE --out DIR (or --list)")
-    try:
-        convert(
-            argv[1],
-            flags.FLAGS.out,
-            fmt=flags.FLAGS.format,
-            variant=flags.FLAGS.variant,
-            sha256=flags.FLAGS.sha256,
-            cache=flags.FLAGS.cache,
+        return 0
+    if len(positional) != 1 or not fv.out:
+        raise ConfigError(
+            "convert_checkpoint.py needs one SOURCE and --out",
+            "python tools/convert_checkpoint.py SOURCE --out DIR (or --list)",
         )
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    convert(
+        positional[0],
+        fv.out,
+        fmt=fv.format,
+        variant=fv.variant,
+        sha256=fv.sha256,
+        cache=fv.cache,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return console.run_cli(__doc__, _flag_values(), argv, _main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -6,6 +6,16 @@ keys such as ``block_3/attn/query/kernel``) and ``meta.json``::
     {"format": "cxrjax-weights/1", "variant": ..., "source": ..., "source_sha256": ...,
      "source_format": ..., "image_size": ..., "num_classes": ..., "label_names": [...] or null}
 
+Beside the backbone, converted self-supervised checkpoints keep what continued pretraining
+needs (fine-tuning's loader reports these keys as unused):
+
+- ``mask_token`` (width,): the trained token that DINOv2 / DINOv3 / RAD-DINO put in place of
+  masked patch embeddings (iBOT), the SSL student's ``mask_token``;
+- ``dino_head/mlp_<i>/{kernel,bias}``, ``dino_head/prototypes`` (bottleneck, K) and
+  ``dino_head/gain`` (K,): a released DINO head (RAD-DINO's ``dino_head.safetensors``) in the
+  layout of ``cxrjax.ssl.heads.DINOHead``; ``gain`` is the weight-norm magnitude of each
+  prototype (scores are cosines times it).
+
 safetensors holds no code, so reading a file someone sent is safe, unlike a pickle.
 """
 
@@ -25,6 +35,8 @@ from cxrjax.errors import CxrjaxError
 FORMAT = "cxrjax-weights/1"
 PARAMS_FILE = "params.safetensors"
 META_FILE = "meta.json"
+MASK_TOKEN = "mask_token"
+DINO_HEAD = "dino_head"
 
 
 class MissingCheckpointError(CxrjaxError, FileNotFoundError):

@@ -7,7 +7,8 @@ SwiGLU, ``rope_embed.periods``), transformers' ``DINOv3ViTModel`` (``embeddings.
 and timm's ``vit_*_patch16_dinov3`` Eva models (``reg_token``, fused ``attn.qkv`` with separate
 ``q_bias``/``v_bias``, ``gamma_1``, ``mlp.fc1_g/fc1_x``). The key bias is dropped: every source
 fixes it at zero (under RoPE it would not cancel in the softmax). Absent query/value biases (timm's
-non-``qkvb`` models) become zeros, so one cxrjax architecture serves every source.
+non-``qkvb`` models) become zeros, so one cxrjax architecture serves every source. The trained
+``mask_token`` of the official and transformers files is kept (see :mod:`.common`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from typing import Any
 import numpy as np
 
 from cxrjax.models import rope
-from cxrjax.models.convert import Converted, _block_count, _Keys, _qkv_kernel
+from cxrjax.models.convert.common import (
+    Converted,
+    Keys,
+    block_count,
+    qkv_kernel,
+    take_mask_token,
+)
 from cxrjax.models.weights import CheckpointError
 
 
-def _ln(k: _Keys, name: str) -> dict[str, np.ndarray]:
+def _ln(k: Keys, name: str) -> dict[str, np.ndarray]:
     return {"scale": k[name + ".weight"], "bias": k[name + ".bias"]}
 
 
@@ -47,14 +54,14 @@ def _block(
 
     def heads_of(w: np.ndarray, b: np.ndarray | None) -> dict[str, np.ndarray]:
         b = np.zeros(w.shape[0], w.dtype) if b is None else b
-        return {"kernel": _qkv_kernel(w, heads), "bias": b.reshape(heads, hd)}
+        return {"kernel": qkv_kernel(w, heads), "bias": b.reshape(heads, hd)}
 
     return {
         "norm1": norms[0],
         "norm2": norms[1],
         "attn": {
             "query": heads_of(qw, qb),
-            "key": {"kernel": _qkv_kernel(kw, heads)},
+            "key": {"kernel": qkv_kernel(kw, heads)},
             "value": heads_of(vw, vb),
             "out": {"kernel": ow.T.reshape(heads, hd, width), "bias": ob},
         },
@@ -106,7 +113,7 @@ def _arch(p: dict[str, Any], depth: int, heads: int, swiglu: bool, eps: float, s
     )
 
 
-def _stem(k: _Keys, patch: str, cls: str, registers: str) -> dict[str, Any]:
+def _stem(k: Keys, patch: str, cls: str, registers: str, mask: str) -> dict[str, Any]:
     w = k[patch + ".weight"]
     p: dict[str, Any] = {
         "embedding": {"kernel": w.transpose(2, 3, 1, 0), "bias": k[patch + ".bias"]},
@@ -114,13 +121,14 @@ def _stem(k: _Keys, patch: str, cls: str, registers: str) -> dict[str, Any]:
     }
     if registers in k:
         p["registers"] = k[registers]
+    take_mask_token(k, mask, p)
     return p
 
 
 def convert_official(sd: Mapping[str, np.ndarray], *, source: str = "state dict") -> Converted:
     """The official DINOv3 torch-hub ``.pth`` (``DinoVisionTransformer``) -> cxrjax."""
-    k = _Keys(sd, source)
-    p = _stem(k, "patch_embed.proj", "cls_token", "storage_tokens")
+    k = Keys(sd, source)
+    p = _stem(k, "patch_embed.proj", "cls_token", "storage_tokens", "mask_token")
     width = p["embedding"]["kernel"].shape[-1]
     periods = k["rope_embed.periods"]
     head_dim = 4 * periods.shape[0]
@@ -130,7 +138,7 @@ def convert_official(sd: Mapping[str, np.ndarray], *, source: str = "state dict"
             f"{source}: rope_embed.periods are not base 100 ** (4k / head_dim); RoPE with "
             "min/max periods is not supported"
         )
-    depth = _block_count(sd, r"blocks\.(\d+)\.")
+    depth = block_count(sd, r"blocks\.(\d+)\.")
     swiglu = "blocks.0.mlp.w1.weight" in k
     for i in range(depth):
         b = f"blocks.{i}."
@@ -168,7 +176,7 @@ def convert_hf(
     sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, source: str = "HF folder"
 ) -> Converted:
     """transformers ``DINOv3ViTModel`` (a ``model_type: dinov3_vit`` folder) -> cxrjax."""
-    k = _Keys(sd, source)
+    k = Keys(sd, source)
     heads, width = int(config["num_attention_heads"]), int(config["hidden_size"])
     swiglu = bool(config.get("use_gated_mlp", False))
     act = config.get("hidden_act", "silu" if swiglu else "gelu")
@@ -177,10 +185,10 @@ def convert_hf(
     if float(config.get("rope_theta", 100.0)) != 100.0:
         raise CheckpointError(f"{source}: rope_theta {config['rope_theta']} (cxrjax: 100)")
     e = "embeddings."
-    p = _stem(k, e + "patch_embeddings", e + "cls_token", e + "register_tokens")
+    p = _stem(k, e + "patch_embeddings", e + "cls_token", e + "register_tokens", e + "mask_token")
     # The first hub release names blocks 'layer.N', transformers 5 'model.layer.N'.
     enc = "model.layer." if any(key.startswith("model.layer.") for key in sd) else "layer."
-    depth = _block_count(sd, re.escape(enc) + r"(\d+)\.")
+    depth = block_count(sd, re.escape(enc) + r"(\d+)\.")
 
     def lin(name: str) -> dict[str, np.ndarray]:
         return _linear(k[name + ".weight"], k[name + ".bias"] if name + ".bias" in k else None)
@@ -220,10 +228,11 @@ def convert_timm(
     sd: Mapping[str, np.ndarray], *, num_heads: int, source: str = "state dict"
 ) -> Converted:
     """timm ``vit_*_patch16_dinov3[_qkvb]`` (Eva with DINOv3 RoPE) -> cxrjax."""
-    k = _Keys(sd, source)
-    p = _stem(k, "patch_embed.proj", "cls_token", "reg_token")
+    k = Keys(sd, source)
+    # timm drops DINOv3's mask token when it loads the weights: there is none to keep.
+    p = _stem(k, "patch_embed.proj", "cls_token", "reg_token", "mask_token")
     width = p["embedding"]["kernel"].shape[-1]
-    depth = _block_count(sd, r"blocks\.(\d+)\.")
+    depth = block_count(sd, r"blocks\.(\d+)\.")
     swiglu = "blocks.0.mlp.fc1_g.weight" in k
     # RoPE buffers are derived from the shapes: nothing to convert.
     k.skip(*(key for key in sd if key.startswith("rope.")))

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrjax.models.convert import Converted, _block_count, _Keys, _qkv_kernel, unscan
+from cxrjax.models.convert.big_vision import unscan
+from cxrjax.models.convert.common import Converted, Keys, block_count, qkv_kernel
 from cxrjax.models.weights import CheckpointError
 
 _VISION_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
@@ -54,7 +55,7 @@ def convert_hf(
     cfg = config.get("vision_config") or config
     prefix = "vision_model." if any(key.startswith("vision_model.") for key in sd) else ""
     # A whole SiglipModel: only the image tower is converted; the text tower is not "unused".
-    k = _Keys({key: v for key, v in sd.items() if key.startswith(prefix)}, source)
+    k = Keys({key: v for key, v in sd.items() if key.startswith(prefix)}, source)
     heads = int(cfg.get("num_attention_heads", 12))
     if not cfg.get("vision_use_head", True) or prefix + "head.probe" not in k:
         raise CheckpointError(
@@ -83,7 +84,7 @@ def convert_hf(
         return {"kernel": k[name + ".weight"].T, "bias": k[name + ".bias"]}
 
     def heads_of(wt: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-        return {"kernel": _qkv_kernel(wt, heads), "bias": b.reshape(heads, hd)}
+        return {"kernel": qkv_kernel(wt, heads), "bias": b.reshape(heads, hd)}
 
     def out_of(wt: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
         return {"kernel": wt.T.reshape(heads, hd, width), "bias": b}
@@ -92,7 +93,7 @@ def convert_hf(
         return {"scale": k[name + ".weight"], "bias": k[name + ".bias"]}
 
     enc = prefix + "encoder.layers."
-    depth = _block_count(k.sd, re.escape(enc) + r"(\d+)\.")
+    depth = block_count(k.sd, re.escape(enc) + r"(\d+)\.")
     for i in range(depth):
         b, a = f"{enc}{i}.", f"{enc}{i}.self_attn."
         attn = {
@@ -139,7 +140,7 @@ def convert_big_vision(npz: Mapping[str, np.ndarray], *, source: str = "npz") ->
     }
     t = "Transformer/"
     img = unscan(img, t + "encoderblock")
-    k = _Keys(img, source)
+    k = Keys(img, source)
     p: dict[str, Any] = {
         "embedding": {"kernel": k["embedding/kernel"], "bias": k["embedding/bias"]},
         "pos_embedding": k["pos_embedding"],
@@ -155,7 +156,7 @@ def convert_big_vision(npz: Mapping[str, np.ndarray], *, source: str = "npz") ->
     def mlp(base: str) -> dict[str, Any]:
         return {"fc1": dense(base + "/Dense_0"), "fc2": dense(base + "/Dense_1")}
 
-    depth = _block_count(img, re.escape(t) + r"encoderblock_(\d+)/")
+    depth = block_count(img, re.escape(t) + r"encoderblock_(\d+)/")
     for i in range(depth):
         b = f"{t}encoderblock_{i}/"
         p[f"block_{i}"] = {
