@@ -72,11 +72,18 @@ def test_ibot_loss_only_over_masked_patches():
     valid = np.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5, [1, 1, 1, 1, 1]], bool)
     ce = -(t * _log_softmax(s / temp)).sum(-1)
     want = np.mean([ce[i][valid[i]].mean() if valid[i].any() else 0.0 for i in range(images)])
-    got = objective.ibot_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid), temp)
+    # The step's flat layout: the masked patches of all images, then padding.
+    weights = (valid / np.maximum(valid.sum(1, keepdims=True), 1))[valid]
+    flat_s, flat_t = s[valid], t[valid]
+    pad = 3
+    flat_s = np.concatenate([flat_s, rng.normal(size=(pad, k))])
+    flat_t = np.concatenate([flat_t, np.zeros((pad, k))])
+    weights = np.concatenate([weights, np.zeros(pad)])
+    got = objective.ibot_loss(*map(jnp.asarray, (flat_s, flat_t, weights)), images, temp)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
-    # Changing the student at unmasked slots changes nothing.
-    s2 = np.where(valid[..., None], s, rng.normal(size=s.shape))
-    got2 = objective.ibot_loss(jnp.asarray(s2), jnp.asarray(t), jnp.asarray(valid), temp)
+    # Changing the student at padding slots changes nothing.
+    flat_s[-pad:] = rng.normal(size=(pad, k)) * 10
+    got2 = objective.ibot_loss(*map(jnp.asarray, (flat_s, flat_t, weights)), images, temp)
     assert float(got2) == pytest.approx(float(got), rel=1e-6)
 
 

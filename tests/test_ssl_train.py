@@ -27,6 +27,7 @@ def _config(shards):
     c.crops.global_size, c.crops.local_size, c.crops.num_local = 32, 16, 2
     c.ssl.prototypes, c.ssl.head_hidden_dim, c.ssl.head_bottleneck_dim = 64, 32, 16
     c.ssl.warmup_epochs = c.ssl.teacher_temp_warmup_epochs = c.ssl.freeze_prototypes_epochs = 0.5
+    c.ssl.epoch_length = 0  # one pass over the 54 training images per epoch
     c.batch_size, c.epochs = 8, 1
     c.log_every_steps = 1
     # Checkpoints at 3 and at the end, 6 and 7: two consecutive states for the EMA check.

@@ -98,6 +98,8 @@ class Run:
         steps_per_epoch: int,
         desc: str,
         extra_scalars: Callable[[int], dict[str, float]] | None = None,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        evaluate_every_steps: int = 0,
     ) -> StepLoop:
         return StepLoop(
             self,
@@ -106,6 +108,8 @@ class Run:
             steps_per_epoch=steps_per_epoch,
             desc=desc,
             extra_scalars=extra_scalars,
+            evaluate=evaluate,
+            evaluate_every_steps=evaluate_every_steps,
         )
 
     def close(self) -> None:
@@ -119,7 +123,9 @@ class StepLoop:
 
     `running()` is the loop condition (it raises `Preempted` once a signalled step is saved),
     `record(metrics)` follows each step (count, bar, non-finite flags, scalars) and
-    `checkpoint(state, iterator_state)` ends it (cadence, preemption).
+    `checkpoint(state, iterator_state)` ends it (cadence, preemption). `logged` says whether
+    the last `record` logged. An optional `evaluate(step)` runs every `evaluate_every_steps`
+    (and at the end) inside `record`; its scalars go to TensorBoard and one console line.
     """
 
     def __init__(
@@ -131,6 +137,8 @@ class StepLoop:
         steps_per_epoch: int,
         desc: str,
         extra_scalars: Callable[[int], dict[str, float]] | None,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        evaluate_every_steps: int = 0,
     ):
         self.run = run
         self.config = run.config
@@ -141,6 +149,10 @@ class StepLoop:
         self.last_scalars: dict[str, float] = {}
         self.seconds = 0.0
         self._extra = extra_scalars or (lambda step: {})
+        self._evaluate = evaluate if evaluate_every_steps else None
+        self._evaluate_every = evaluate_every_steps
+        self.logged = False
+        self.last_evaluation: dict[str, float] = {}
         self._finite: list[Any] = []
         self._stop = False
 
@@ -190,8 +202,21 @@ class StepLoop:
         self._steps_timed += 1
         self._bar.update(1)
         self._finite.append(metrics.pop("finite"))
-        if self.step % self.config.log_every_steps and not self.done:
-            return
+        self.logged = not (self.step % self.config.log_every_steps and not self.done)
+        if self.logged:
+            self._log(metrics)
+        if self._evaluate and (self.step % self._evaluate_every == 0 or self.done):
+            started = time.time()
+            self.last_evaluation = self._evaluate(self.step)
+            self.run.writer.scalars(self.step, self.last_evaluation)
+            console.say(
+                f"step {self.step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in self.last_evaluation.items())
+            )
+            # Evaluation time is not training time: the next images/s leaves it out.
+            self._timer += time.time() - started
+
+    def _log(self, metrics: dict[str, Any]) -> None:
         check_finite(self._finite, self.step, self.config.nonfinite, self.run.ckpt)
         self._finite = []
         elapsed = time.time() - self._timer

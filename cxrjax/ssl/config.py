@@ -61,6 +61,13 @@ def ssl_base_config(experiment: str) -> ml_collections.ConfigDict:
     s.koleo_weight = 0.1
     s.mask_prob = 0.5
     s.mask_ratio = (0.1, 0.5)
+    # Iterations per schedule epoch (DINOv2's OFFICIAL_EPOCH_LENGTH); 0: one pass over the data.
+    s.epoch_length = 1250
+    # kNN AUROC of the teacher on a labelled split every N steps (0: off); see ssl/monitor.py.
+    s.knn_every_steps = 0
+    s.knn_split = "val"
+    s.knn_k = 20
+    s.knn_temperature = 0.07
 
     c.batch_size = 1024
     c.epochs = 100

@@ -1,10 +1,12 @@
-"""The DINO projection head: an MLP to a bottleneck, then cosine scores against K prototypes.
+"""The DINO projection head: an MLP to a bottleneck, then gained cosine scores against K prototypes.
 
 As DINOv2's `DINOHead`: `nlayers` Dense layers with GELU (in -> hidden -> ... -> bottleneck),
-the bottleneck L2-normalised, then a weight-normalised linear layer without bias whose columns
-are the prototypes. The weight-norm gain is fixed at 1 (DINOv2 fills it with 1), so every
-prototype is a unit vector and a score is a cosine in [-1, 1]: the teacher's softmax at
-temperature 0.04 stays finite without a max-shift.
+the bottleneck L2-normalised, then DINOv2's last layer: a Linear without bias under
+`weight_norm`, row k = g_k v_k / |v_k|. The prototypes v are the columns of `prototypes`
+(bottleneck, K) and g is `gain` (K,): filled with 1 at init as DINOv2 does, and trainable as in
+DINOv2 and RAD-DINO (whose released head `cxrjax.models.convert` turns into these two arrays),
+so a score is g_k times a cosine. The teacher's softmax at temperature 0.04 stays finite through
+Sinkhorn-Knopp's max shift.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
 class DINOHead(nn.Module):
-    """(..., D) features -> (..., num_prototypes) float32 cosine scores."""
+    """(..., D) features -> (..., num_prototypes) float32 scores (gain x cosine)."""
 
     num_prototypes: int = 65536
     hidden_dim: int = 2048
@@ -39,5 +41,7 @@ class DINOHead(nn.Module):
         v = self.param(
             "prototypes", _trunc_normal, (self.bottleneck_dim, self.num_prototypes), jnp.float32
         )
+        gain = self.param("gain", nn.initializers.ones, (self.num_prototypes,), jnp.float32)
         v = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
-        return jnp.dot(x.astype(self.dtype), v.astype(self.dtype)).astype(jnp.float32)
+        cosine = jnp.dot(x.astype(self.dtype), v.astype(self.dtype)).astype(jnp.float32)
+        return cosine * gain

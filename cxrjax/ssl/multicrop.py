@@ -1,7 +1,8 @@
 """Prepared shards -> multi-crop batches for self-supervised training (labels ignored).
 
 Every example yields 2 global crops and `num_local` local crops with the radiograph
-augmentations: random resized crop (DINOv2's scales and aspect ratios), horizontal flip, a small
+augmentations: random resized crop (DINOv2's scales and aspect ratios, antialiased when it
+shrinks), horizontal flip, a small
 rotation, brightness/contrast and Gaussian blur (DINOv2's per-crop probabilities: 1.0 and 0.1
 for the global crops, 0.5 for local ones). No colour jitter, grayscale or solarisation: the
 images are grayscale radiographs. Each global crop also gets an iBOT block mask over its patch
@@ -58,8 +59,19 @@ class CropOptions:
 
     @property
     def max_masked(self) -> int:
-        """The most patches one global crop's mask holds (the step gathers this many slots)."""
+        """The most patches one global crop's mask holds."""
         return max(int(self.mask_ratio[1] * self.grid**2), 1)
+
+    def masked_slots(self, global_crops: int) -> int:
+        """The masked patches the step gathers over `global_crops` crops: DINOv2's bound
+        (`upperbound` in its collate), the masked crops' share of crops times `max_masked`.
+
+        A crop's mask averages mean(mask_ratio) / max(mask_ratio) of `max_masked`, so the
+        bound holds about 1.7x the expected count at the default ratios (and 1 / (mask_prob x
+        that) less than a slot per patch of every crop); the rare batch with more drops
+        the excess (the step's `ibot_overflow` metric counts them).
+        """
+        return max(math.ceil(global_crops * self.mask_prob * self.max_masked), 1)
 
 
 def random_resized_crop(
@@ -80,6 +92,15 @@ def random_resized_crop(
     cy = rng.uniform(h / 2, height - h / 2)
     angle = math.radians(rng.uniform(-options.max_rotation, options.max_rotation))
     flip = -1.0 if rng.random() < options.flip_prob else 1.0
+    # Antialiasing: a crop that shrinks its region is first area-averaged (cv2.INTER_AREA, as
+    # cxrjax.data.images shrinks) to about the output's scale, so the bilinear warp below never
+    # skips source pixels (which aliases the ribs' and vessels' fine lines).
+    kx, ky = max(w / size, 1.0), max(h / size, 1.0)
+    if kx > 1 or ky > 1:
+        new_w, new_h = max(round(width / kx), 1), max(round(height / ky), 1)
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        fx, fy = new_w / width, new_h / height
+        w, h, cx, cy = w * fx, h * fy, cx * fx, cy * fy
     cos, sin = math.cos(angle), math.sin(angle)
     sx, sy = flip * w / size, h / size
     # Output pixel (u, v) -> source (x, y): centre, scale (and flip), rotate, move to the crop.

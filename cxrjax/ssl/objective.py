@@ -73,18 +73,19 @@ def dino_loss(
 def ibot_loss(
     student_patches: jax.Array,
     teacher_targets: jax.Array,
-    valid: jax.Array,
+    weights: jax.Array,
+    num_images: int,
     student_temp: float,
 ) -> jax.Array:
-    """iBOT's masked-patch loss: per image the mean cross-entropy over its masked patches, then
-    the mean over images (images without a mask count as 0, as in DINOv2).
+    """iBOT's masked-patch loss over the masked patches gathered from a batch (DINOv2's
+    `forward_masked`): per image the mean cross-entropy over its masked patches, then the mean
+    over all `num_images` global crops (crops without a mask count as 0, as in DINOv2).
 
-    student_patches (I, M, K) and teacher_targets (I, M, K) at the M gathered patch slots of each
-    of I images; valid (I, M) marks the slots that are masked patches (the rest is padding).
+    student_patches (S, K) scores and teacher_targets (S, K) at the S gathered slots; weights
+    (S,) is 1 / (masked patches of the slot's image) at real slots and 0 at padding.
     """
     ce = cross_entropy(teacher_targets, student_patches, student_temp)
-    per_image = jnp.sum(ce * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1)
-    return jnp.mean(per_image)
+    return jnp.sum(ce * weights) / num_images
 
 
 def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -98,6 +99,25 @@ def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
     # torch's PairwiseDistance adds eps to the difference before the norm.
     distance = jnp.linalg.norm(x - x[nearest] + eps, axis=-1)
     return -jnp.mean(jnp.log(distance + eps))
+
+
+def collapse_stats(teacher_scores: jax.Array, temperature: float | jax.Array) -> dict:
+    """What shows a collapsing teacher, from its raw (N, K) CLS scores (before Sinkhorn-Knopp,
+    which would hide a collapse by balancing the batch).
+
+    `teacher_entropy`: the mean entropy of softmax(scores / T) over the prototypes, divided by
+    log K: near 1 every sample gets the same flat distribution (uniform collapse).
+    `prototype_usage`: the distinct argmax prototypes over the batch, as a fraction of min(N, K):
+    near 0 every sample picks the same few prototypes (dominant-prototype collapse).
+    """
+    n, k = teacher_scores.shape
+    log_p = jax.nn.log_softmax(teacher_scores.astype(jnp.float32) / temperature, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    counts = jnp.zeros(k, jnp.int32).at[jnp.argmax(teacher_scores, axis=-1)].add(1)
+    return {
+        "teacher_entropy": jnp.mean(entropy) / jnp.log(k),
+        "prototype_usage": jnp.sum(counts > 0) / min(n, k),
+    }
 
 
 def encode(

@@ -3,7 +3,8 @@
 Teacher momentum: cosine from `momentum` to 1. Teacher temperature: linear warmup from
 `warmup_temp` to `temp`, then constant. Weight decay: cosine from `wd` to `wd_end`. Learning
 rate: linear warmup to `lr`, then cosine to `min_lr`. The optimizer is AdamW with gradient
-clipping, layer-wise lr decay (`cxrjax.optim.layer_decay_scales` over the backbone, heads at
+clipping per module (backbone, each head), layer-wise lr decay
+(`cxrjax.optim.layer_decay_scales` over the backbone, heads at
 the top rate), a smaller lr for the patch embedding, no weight decay on biases, norms and
 LayerScale, and the prototypes frozen for the first `freeze_prototypes_steps` (DINOv2 freezes
 its last layer for the first epoch).
@@ -82,13 +83,19 @@ def make_schedules(
     )
 
 
+# The DINO head's last layer, frozen for `freeze_prototypes_epochs` (DINOv2's freeze_last_layer).
+LAST_LAYER = ("prototypes", "gain")
+
+
 def _names(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(key, "key", key)) for key in path)
 
 
 def _no_decay(names: tuple[str, ...]) -> bool:
     leaf, parent = names[-1], names[-2] if len(names) > 1 else ""
-    return leaf == "bias" or "norm" in parent or parent.startswith("ls") or leaf == "mask_token"
+    # DINOv2's no-decay rule (".bias", "norm", "gamma" = LayerScale); its mask token, CLS and
+    # position embeddings are decayed like any weight.
+    return leaf == "bias" or "norm" in parent or parent.startswith("ls")
 
 
 def lr_scales(student: Any, layer_decay: float, patch_embed_mult: float) -> Any:
@@ -100,7 +107,42 @@ def lr_scales(student: Any, layer_decay: float, patch_embed_mult: float) -> Any:
     )
     scales = jax.tree.map(lambda _: 1.0, student)
     scales["backbone"] = backbone
+    # The mask token is a backbone input in DINOv2 (layer 0, like the CLS token and the
+    # position embeddings): the lowest layer-decay rate, not the heads' rate.
+    depth = sum(1 for name in student["backbone"] if name.startswith("block_"))
+    scales["mask_token"] = layer_decay ** (depth + 1)
     return scales
+
+
+def clip_groups(student: Any) -> Any:
+    """The clipping group of each student parameter: DINOv2 clips the backbone (its mask token
+    included) and each head by its own norm, so a head's large gradients do not shrink the
+    backbone's step."""
+    groups = {}
+    for name, subtree in student.items():
+        group = "backbone" if name == "mask_token" else name
+        groups[name] = jax.tree.map(lambda _, g=group: g, subtree)
+    return groups
+
+
+def clip_per_module(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` applied to each group of `clip_groups` separately."""
+
+    def update(updates, state, params=None):
+        del params
+        groups = clip_groups(updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        names = treedef.flatten_up_to(groups)
+        out = list(leaves)
+        for name in sorted(set(names)):
+            members = [i for i, n in enumerate(names) if n == name]
+            norm = optax.tree.norm([leaves[i] for i in members])
+            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+            for i in members:
+                out[i] = (leaves[i] * factor).astype(leaves[i].dtype)
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 class _State(NamedTuple):
@@ -123,7 +165,8 @@ def scheduled_adamw_tail(
         def one(path, u, p, s):
             names = _names(path)
             decay = 0.0 if _no_decay(names) else wd
-            factor = -lr * s * (thaw if names[-1] == "prototypes" else 1.0)
+            # DINOv2 freezes its whole last layer: weight_v (prototypes) and weight_g (gain).
+            factor = -lr * s * (thaw if names[-1] in LAST_LAYER else 1.0)
             return (factor * (u + decay * p)).astype(u.dtype)
 
         out = jax.tree_util.tree_map_with_path(one, updates, params, scales)
@@ -140,7 +183,7 @@ def make_optimizer(
     scales = jax.tree.map(lambda s: np.float32(s), scales)
     parts = []
     if ssl.grad_clip:
-        parts.append(optax.clip_by_global_norm(ssl.grad_clip))
+        parts.append(clip_per_module(ssl.grad_clip))
     parts += [
         optax.scale_by_adam(b1=0.9, b2=0.999),
         scheduled_adamw_tail(

@@ -27,6 +27,8 @@ from cxrjax.ssl.multicrop import CropOptions
 from cxrjax.ssl.schedules import Schedules
 
 HEADS = ("dino_head", "ibot_head")
+# The converters' key for the trained mask token, shape (width,).
+MASK_TOKEN = "mask_token"
 
 
 def build_heads(config: ml_collections.ConfigDict) -> dict[str, DINOHead]:
@@ -94,6 +96,14 @@ def _load(config: ml_collections.ConfigDict, student: dict, size: int) -> tuple[
     student = {**student, "backbone": backbone}
     flat, _ = read_weights(path)
     lines = [f"pretrained weights from {path}:", str(report)]
+    # The trained iBOT mask token of DINOv2 / RAD-DINO / DINOv3 (the converters keep it): a
+    # zero token would make every masked patch look like a fresh task to the student.
+    token = flat.get(MASK_TOKEN)
+    if token is not None and token.shape == student[MASK_TOKEN].shape:
+        student[MASK_TOKEN] = np.asarray(token, np.float32)
+        lines.append(f"  {MASK_TOKEN}: loaded from the weights")
+    else:
+        lines.append(f"  {MASK_TOKEN}: zeros (not in the weights, or another width)")
     for name in HEADS:
         if name not in student:
             continue
@@ -169,24 +179,29 @@ def make_loss(
     prefix = model.num_prefix_tokens
     ibot_name = "ibot_head" if "ibot_head" in heads else "dino_head"
     dino_head, ibot_head = heads["dino_head"], heads[ibot_name]
-    slots = crops.max_masked
 
     def gather(tokens, index):
-        return jnp.take_along_axis(tokens[:, prefix:], index[..., None], axis=1)
+        # (crops, T, D) -> the (S, D) patch tokens at flat patch indices `index`.
+        patches = tokens[:, prefix:]
+        return patches.reshape(-1, patches.shape[-1])[index]
 
     def loss_fn(student, teacher, batch, rng, temp):
         b = batch["global"].shape[0]
         g = crops.global_size
         images = normalize(batch["global"].reshape(b * 2, g, g), mean, std)
         masks = batch["mask"].reshape(b * 2, -1)
-        # Slots 0..count-1 of each crop hold its masked patches (the rest is padding).
-        index = jax.vmap(lambda m: jnp.nonzero(m, size=slots, fill_value=0)[0])(masks)
-        valid = jnp.arange(slots) < jnp.sum(masks, axis=1, keepdims=True)
+        # DINOv2's bounded gather: slots 0..count-1 hold the batch's masked patches (flat
+        # indices over all crops), the rest is padding; past the bound a patch is dropped.
+        slots = crops.masked_slots(b * 2)
+        per_crop = jnp.sum(masks, axis=1)
+        index = jnp.nonzero(masks.reshape(-1), size=slots, fill_value=0)[0]
+        valid = jnp.arange(slots) < jnp.sum(per_crop)
+        weights = jnp.where(valid, 1.0 / jnp.maximum(per_crop[index // masks.shape[1]], 1), 0.0)
         r_global, r_local = jax.random.split(rng)
 
         t_tokens = objective.encode(model, teacher["backbone"], images, train=False)
-        t_cls = dino_head.apply({"params": teacher["dino_head"]}, t_tokens[:, 0])
-        t_cls = objective.sinkhorn_knopp(t_cls, temp, ssl.sinkhorn_iterations)
+        t_scores = dino_head.apply({"params": teacher["dino_head"]}, t_tokens[:, 0])
+        t_cls = objective.sinkhorn_knopp(t_scores, temp, ssl.sinkhorn_iterations)
         targets = jax.lax.stop_gradient(t_cls.reshape(b, 2, -1))
 
         s_tokens = objective.encode(
@@ -208,17 +223,17 @@ def make_loss(
             s_local = s_local.reshape(b, crops.num_local, -1)
         dino = objective.dino_loss(s_global.reshape(b, 2, -1), s_local, targets, ssl.student_temp)
         loss, parts = ssl.dino_weight * dino, {"dino_loss": dino}
+        parts.update(objective.collapse_stats(jax.lax.stop_gradient(t_scores), temp))
 
         if ssl.ibot_weight:
             t_patch = ibot_head.apply({"params": teacher[ibot_name]}, gather(t_tokens, index))
-            k = t_patch.shape[-1]
-            t_patch = objective.sinkhorn_knopp(
-                t_patch.reshape(-1, k), temp, ssl.sinkhorn_iterations, valid.reshape(-1)
-            )
-            t_patch = jax.lax.stop_gradient(t_patch.reshape(b * 2, slots, k))
+            t_patch = objective.sinkhorn_knopp(t_patch, temp, ssl.sinkhorn_iterations, valid)
+            t_patch = jax.lax.stop_gradient(t_patch)
             s_patch = ibot_head.apply({"params": student[ibot_name]}, gather(s_tokens, index))
-            ibot = objective.ibot_loss(s_patch, t_patch, valid, ssl.student_temp)
+            ibot = objective.ibot_loss(s_patch, t_patch, weights, b * 2, ssl.student_temp)
             loss, parts["ibot_loss"] = loss + ssl.ibot_weight * ibot, ibot
+            total = jnp.sum(per_crop)
+            parts["ibot_overflow"] = jnp.maximum(total - slots, 0) / jnp.maximum(total, 1)
         if ssl.koleo_weight:
             cls = s_tokens[:, 0].reshape(b, 2, -1)
             koleo = objective.koleo_loss(cls[:, 0]) + objective.koleo_loss(cls[:, 1])

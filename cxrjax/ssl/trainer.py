@@ -32,7 +32,7 @@ from cxrjax.errors import ConfigError
 from cxrjax.models import create_model
 from cxrjax.models.weights import save_weights
 from cxrjax.run_dir import RunFacts
-from cxrjax.ssl import multicrop
+from cxrjax.ssl import monitor, multicrop
 from cxrjax.ssl import schedules as schedules_lib
 from cxrjax.ssl.step import build_heads, init_state, make_ssl_step
 
@@ -142,7 +142,15 @@ def _pretrain(
         splits=tuple(config.data.splits),
         worker_count=config.data.worker_count,
     )
+    data_steps = steps_per_epoch
+    # DINOv2's OFFICIAL_EPOCH_LENGTH: a fixed number of iterations per schedule "epoch", so the
+    # warmups (lr, teacher temperature, frozen prototypes) keep their length on a small set.
+    steps_per_epoch = config.ssl.epoch_length or data_steps
     total_steps = config.epochs * steps_per_epoch
+    console.say(
+        f"ssl: {total_steps} steps = {config.epochs} epochs x {steps_per_epoch} iterations "
+        f"({total_steps / data_steps:.1f} passes over the {data_steps * config.batch_size} images)"
+    )
 
     # ---------------------------------------------------------------- state
     rng = jax.random.key(config.seed)
@@ -171,17 +179,32 @@ def _pretrain(
     state = run.restore(state, state_shardings, train_iter)
     batches = pipeline.prefetch_to_device(train_iter, data_sharding)
 
+    # ---------------------------------------------------------------- monitoring
+    knn = monitor.evaluator_for(config, model, infos, mean, std, mesh)
+    if knn is not None:
+        console.say(
+            f"kNN evaluation every {config.ssl.knn_every_steps} steps on {knn.size} "
+            f"{config.ssl.knn_split} images ({', '.join(knn.label_names)})"
+        )
+    elif config.ssl.knn_every_steps:
+        console.say(f"no kNN evaluation: no source has a labelled {config.ssl.knn_split} split")
+
     # ---------------------------------------------------------------- loop
     with run.loop(
         first_step=int(state["step"]),
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         desc="ssl",
+        # `state` is read when called: the teacher of the step just recorded.
+        evaluate=knn and (lambda step: knn(state["teacher"]["backbone"])),
+        evaluate_every_steps=config.ssl.knn_every_steps if knn else 0,
     ) as loop:
         while loop.running():
             batch, iterator_state = next(batches)
             state, metrics = ssl_step(state, batch)
             loop.record(metrics)
+            if loop.logged:
+                _report(loop.step, loop.last_scalars)
             if loop.checkpoint(state, iterator_state):
                 _export(run, config, loop.step, state["teacher"])
 
@@ -200,6 +223,27 @@ def _pretrain(
     if run.primary:
         run.dir.write_results(results)
     return results
+
+
+_REPORTED = (
+    ("loss", "loss", ".3f"),
+    ("dino_loss", "dino", ".3f"),
+    ("ibot_loss", "ibot", ".3f"),
+    ("koleo_loss", "koleo", ".3f"),
+    ("teacher_entropy", "teacher entropy", ".3f"),
+    ("prototype_usage", "prototype usage", ".3f"),
+    ("learning_rate", "lr", ".2e"),
+    ("teacher_temp", "teacher temp", ".3f"),
+)
+
+
+def _report(step: int, scalars: dict[str, float]) -> None:
+    """One console line per logging step, and a warning when the teacher collapses."""
+    parts = [f"{label} {scalars[k]:{fmt}}" for k, label, fmt in _REPORTED if k in scalars]
+    console.say(f"step {step}: " + ", ".join(parts))
+    warning = monitor.collapse_warning(scalars)
+    if warning:
+        console.say(warning)
 
 
 def _student_shapes(model: Any, heads: dict, size: int) -> dict:
