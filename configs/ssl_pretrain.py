@@ -46,8 +46,18 @@ def get_config(arg=None):
         c.data.sources = tuple(f"{data_root()}/{n}" for n in names)
     c.crops.local_size = local_size
     c.batch_size = int(args["batch"])
-    # DINOv2's rule: lr = 4e-3 * sqrt(batch / 1024).
-    c.ssl.lr = 4e-3 * (c.batch_size / 1024) ** 0.5
+    # lr = base * sqrt(batch / 1024) (DINOv2's rule). From scratch: DINOv2's default base 4e-3.
+    # Continued from weights: base 2e-4, the base lr of DINOv2's LVD-142M recipes
+    # (train/vitl14.yaml, vitg14.yaml): random heads on trained features at 20x that rate
+    # rewrite the features the run exists to keep.
+    base = 2e-4 if weights else 4e-3
+    c.ssl.lr = base * (c.batch_size / 1024) ** 0.5
+    # Stochastic depth: DINOv2's student default drop_path_rate 0.3 (0.4 for ViT-g); the
+    # linear 0 -> rate rule of cxrjax's ViT averages half of it over the blocks.
+    c.model.drop_path = 0.3
+    # DINOv2's OFFICIAL_EPOCH_LENGTH: warmups (10 epochs of lr, 30 of teacher temperature, 1
+    # of frozen prototypes) in iterations that do not depend on the dataset's size.
+    c.ssl.epoch_length = 1250
     c.epochs = int(args["epochs"])
     c.seed = int(args["seed"])
     return c
