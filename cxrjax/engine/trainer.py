@@ -241,7 +241,8 @@ def _write_source_view(
     source_config = ml_collections.ConfigDict(config.to_dict())
     source_config.experiment = f"{config.experiment} (trained on {data.name})"
     source_config.data.dataset = name
-    source_config.data.dir = str(data.infos[data.source_names().index(name)].directory)
+    (info,) = [info for info in data.infos if info.directory.name == name]
+    source_config.data.dir = str(info.directory)
     view.write_config(source_config)
 
 
