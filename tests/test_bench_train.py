@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_train  # noqa: E402
@@ -26,3 +28,14 @@ def test_peak_rates_are_looked_up_by_device_kind():
     assert bench_train.peak_flops(Device()) == 989e12
     Device.device_kind = "cpu"
     assert bench_train.peak_flops(Device()) is None
+
+
+def test_torch_side_runs_the_same_dtype_eager_on_cpu():
+    result = bench_train.main(
+        ["--model", "vit_s16_in21k", "--image-size", "32", "--batch", "4", "--steps", "1",
+         "--dtype", "float32", "--no-loop", "--framework", "torch"]
+    )  # fmt: skip
+    assert result["torch"]["mode"] == "eager" and result["torch"]["dtype"] == "float32"
+    assert result["ratio_vs_torch"] == pytest.approx(
+        result["cxrjax"]["images_per_s"] / result["torch"]["images_per_s"]
+    )

@@ -8,8 +8,9 @@ Measures, on every local device:
   FLOPs with the 3x-forward convention over the device's peak dense bf16 rate), peak device memory;
 - loop: the same step fed by the grain pipeline from ArrayRecord shards (written first, random
   pixels at the model's resolution), as a fraction of the step alone;
-- with --framework torch: timm's same architecture with bf16 autocast, torch.compile and fused
-  AdamW, in the same process, and the ratio cxrjax / PyTorch.
+- with --framework torch: timm's same architecture in the same dtype (bf16 autocast for
+  --dtype bfloat16, plain float32 otherwise), torch.compile on CUDA and eager on CPU
+  (--torch-mode), AdamW (fused on CUDA), in the same process, and the ratio cxrjax / PyTorch.
 On an accelerator each measurement is appended to benchmarks/results/ as a new JSON file (device,
 driver, library versions, commit, command, figures). On CPU it is a smoke test of the same code.
 """
@@ -36,7 +37,7 @@ from cxrjax.config_base import base_config
 from cxrjax.data import pipeline, shards
 from cxrjax.engine import state as train_state
 from cxrjax.engine import step as steps
-from cxrjax.errors import run_main
+from cxrjax.errors import ConfigError, run_main
 from cxrjax.models import flops_per_image, get_spec
 
 # Dense bf16 peak FLOP/s per device kind (vendor datasheets, no sparsity).
@@ -165,6 +166,9 @@ def _write_shards(directory: Path, size: int, num_labels: int, n: int) -> shards
 
 
 def bench_torch(args: argparse.Namespace) -> dict:
+    """timm's same architecture, same batch and dtype: float32 runs plain, bfloat16 under
+    autocast. `--torch-mode auto` compiles on CUDA only: on CPU torch.compile of a ViT step takes
+    many minutes (Inductor's C++ codegen) for no gain over eager at these sizes."""
     import timm
     import torch
 
@@ -172,25 +176,38 @@ def bench_torch(args: argparse.Namespace) -> dict:
     size = args.image_size or spec.image_size
     name = spec.sources.get("timm", "").split(".")[0]
     if not name:
-        raise SystemExit(f"{args.model} has no timm counterpart to compare with")
+        raise ConfigError(
+            f"{args.model} has no timm counterpart to compare with",
+            "Pick a --model whose registry entry names a timm source, e.g. vit_s16_in21k.",
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = (
+        args.torch_mode
+        if args.torch_mode != "auto"
+        else ("compile" if device == "cuda" else "eager")
+    )
+    torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=args.num_labels, img_size=size)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-    compiled = torch.compile(model)
+    forward = torch.compile(model) if mode == "compile" else model
+    autocast = args.dtype != "float32"
     images = torch.randint(0, 256, (args.batch, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (args.batch, args.num_labels), device=device).float()
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step():
-        x = images.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = loss_fn(compiled(x).float(), labels)
+        # As cxrjax's step: uint8 in, [0, 1], three channels, the weights' mean and std.
+        x = (images.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(forward(x).float(), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(2):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -203,6 +220,9 @@ def bench_torch(args: argparse.Namespace) -> dict:
     return {
         "images_per_s": args.steps * args.batch / seconds,
         "step_ms": 1000 * seconds / args.steps,
+        "mode": mode,
+        "dtype": "bfloat16 autocast" if autocast else "float32",
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
@@ -248,6 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-loop", dest="loop", action="store_false")
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
     parser.add_argument("--framework", choices=["jax", "torch"], default="jax")
+    parser.add_argument(
+        "--torch-mode",
+        choices=["auto", "eager", "compile"],
+        default="auto",
+        help="timm side: torch.compile on CUDA, eager on CPU (auto)",
+    )
     parser.add_argument("--save", action="store_true", help="append results on CPU as well")
     args = parser.parse_args(argv)
 

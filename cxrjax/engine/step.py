@@ -56,6 +56,16 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: 
     return jnp.sum(per_entry * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def update_if_finite(finite: jax.Array, update: Callable[[dict], dict], state: dict) -> dict:
+    """`update(state)` when `finite`, else `state` unchanged.
+
+    A `lax.cond`, not a `jnp.where` over the two states: the select read the parameters and both
+    Adam moments twice more and wrote them again every step (measured: about 1% of a ViT-S step
+    on CPU), while the cond runs one branch and the untaken one costs nothing.
+    """
+    return jax.lax.cond(finite, update, lambda state: state, state)
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -67,16 +77,26 @@ def make_train_step(
     accum_steps: int = 1,
     ema_decay: float = 0.0,
     augment: Augment | None = None,
+    compute_sharding: Any = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """(state, batch) -> (state, metrics): grads over `accum_steps` micro-batches, update, EMA.
 
     `augment` moves the augmentation into the step (on the device, whole batch at once).
+    `compute_sharding` (FSDP: replicated): the sharding the forward and backward passes see the
+    parameters in. Under FSDP without it XLA's propagation meets weights split on the data axis
+    and the batch split on the same axis, and gathers activations (measured on 4 CPU devices,
+    ViT-S/16: 384 all-gathers and 100 all-to-alls, 2.8x the minimum bytes); with it the sharded
+    parameters are gathered once per step, the batch stays split and the gradients return to
+    the parameters' shards.
 
     A non-finite loss or gradient leaves the state untouched (the step is skipped) and is
     reported in the metrics; the loop decides whether to stop or go on.
     """
 
     def grads_of(params, batch, rng):
+        if compute_sharding is not None:
+            params = jax.lax.with_sharding_constraint(params, compute_sharding)
+
         def loss_fn(params):
             images = normalize(batch["image"], mean, std)
             logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
@@ -116,14 +136,18 @@ def make_train_step(
             loss, grads = grads_of(state["params"], batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        if ema_decay:
-            new_state["ema"] = jax.tree.map(
-                lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params
-            )
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+
+        def update(state):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            new_state = {**state, "params": params, "opt_state": opt_state}
+            if ema_decay:
+                new_state["ema"] = jax.tree.map(
+                    lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params
+                )
+            return new_state
+
+        new_state = update_if_finite(finite, update, state)
         new_state["step"] = state["step"] + 1
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 

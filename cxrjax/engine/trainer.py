@@ -103,6 +103,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, data: TrainingData) -> d
             accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
             augment=augment if config.input.augment_on_device else None,
+            # FSDP: gather the parameter shards once per step (see make_train_step).
+            compute_sharding=sharding.replicated(mesh) if config.fsdp else None,
         ),
         in_shardings=(state_shardings, data_sharding),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
