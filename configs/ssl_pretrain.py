@@ -12,6 +12,7 @@ any fine-tuning config: `--config.model.init_from=runs/ssl_pretrain_dinov2` (wit
 """
 
 from cxrjax.config_base import data_root, parse_arg, weights_root
+from cxrjax.errors import ConfigError
 from cxrjax.models.pretrained import conversion_command
 from cxrjax.ssl.config import ssl_base_config
 
@@ -27,7 +28,10 @@ INITS = {
 def get_config(arg=None):
     args = parse_arg(arg, init="dinov2", dataset="vindr", batch="1024", epochs="100", seed="0")
     if args["init"] not in INITS:
-        raise ValueError(f"init={args['init']!r}: use one of {sorted(INITS)}")
+        raise ConfigError(
+            f"configs/ssl_pretrain.py:init={args['init']!r} is not an option",
+            f"Use one of {sorted(INITS)}.",
+        )
     variant, weights, local_size = INITS[args["init"]]
     c = ssl_base_config(f"ssl_pretrain_{args['init']}")
     c.model.variant = variant

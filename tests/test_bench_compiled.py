@@ -41,3 +41,32 @@ def test_the_loop_compiles_each_step_once():
     loop = report["loop"]
     assert loop["steps"] >= 8 and loop["validations"] == 2
     assert loop["step_compilations"] == {"jit(train_step)": 1, "jit(predict_step)": 1}
+
+
+def test_gpu_check_lists_the_whole_matrix_with_valid_flags():
+    """tools/gpu_check.sh --list: what a GPU run measures, each command accepted by its tool
+    (the full CPU dry run, `tools/gpu_check.sh --dry-run DIR`, takes about 5 minutes)."""
+    import shlex
+    import subprocess
+
+    import bench_train
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(
+        ["bash", str(root / "tools" / "gpu_check.sh"), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    train = [shlex.split(line)[2:] for line in listed if "bench_train.py" in line]
+    compiled = [shlex.split(line)[2:] for line in listed if "bench_compiled.py" in line]
+    assert len(train) == 2 * 3 * 2 + 2 and len(compiled) == 1
+    parsed = [bench_train.parse_args(argv) for argv in train]
+    assert {(a.model, a.batch, a.remat) for a in parsed} == {
+        (m, b, r) for m in ("vit_b16_in21k", "vit_b14_dinov2") for b in (128, 256, 512)
+        for r in (False, True)
+    }  # fmt: skip
+    assert all(a.dtype == "bfloat16" for a in parsed)
+    assert {a.attention for a in parsed} == {"auto", "cudnn", "xla"}
+    assert sum(a.framework == "torch" for a in parsed) == 6
+    assert bench_compiled.parse_args(compiled[0]).ssl_config == "configs/ssl_pretrain.py"

@@ -28,11 +28,11 @@ import os
 import sys
 
 if __name__ == "__main__" and "jax" not in sys.modules:
-    # Before jax is imported: the number of host devices is fixed when the backend starts.
+    # Before jax is imported: the number of host devices is fixed when the backend starts (it
+    # changes only the CPU backend; on an accelerator the mesh is its devices).
     _devices = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), None)
     if _devices is None and "--devices" in sys.argv:
         _devices = sys.argv[sys.argv.index("--devices") + 1]
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices or 4}"
     )
@@ -155,16 +155,30 @@ def fine_tuning_step(args, *, fsdp: bool, remat: bool) -> dict:
 
 
 def ssl_step(args) -> dict:
-    """configs/ssl_pretrain_demo.py's SSL step: compiled facts, and its rate alone."""
-    from configs.ssl_pretrain_demo import get_config
+    """The SSL step of `--ssl-config` (the demo's by default; on a GPU
+    `configs/ssl_pretrain.py --ssl-arg init=scratch,batch=64` is ViT-B/14 at 224): compiled
+    facts, and its rate alone on synthetic crops."""
+    import importlib.util
+
     from cxrjax.models import create_model
     from cxrjax.ssl import schedules as schedules_lib
     from cxrjax.ssl.step import build_heads, init_state, make_ssl_step
     from cxrjax.ssl.trainer import _student_shapes, crop_options
 
-    c = get_config()
+    spec = importlib.util.spec_from_file_location("ssl_config", ROOT / args.ssl_config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(args.ssl_arg)
     mesh = sharding.make_mesh()
-    model = create_model(c.model.variant, 0, image_size=c.crops.global_size, dtype=c.model.dtype)
+    m = c.model
+    model = create_model(
+        m.variant,
+        0,
+        image_size=c.crops.global_size,
+        dtype=m.dtype,
+        drop_path=m.drop_path,
+        remat=m.remat,
+    )
     heads = build_heads(c)
     crops = crop_options(c, model.patch_size)
     schedules = schedules_lib.make_schedules(c.ssl, 1000, 100)
@@ -172,7 +186,7 @@ def ssl_step(args) -> dict:
     tx = schedules_lib.make_optimizer(c.ssl, schedules, shapes, 100)
     rng = jax.random.key(0)
     state, shardings, _ = init_state(c, model, heads, tx, mesh, rng)
-    mean, std = (jnp.asarray(v) for v in steps.input_stats(c.input.normalization, "vit_tiny_demo"))
+    mean, std = (jnp.asarray(v) for v in steps.input_stats(c.input.normalization, c.model.variant))
     data = sharding.data_sharding(mesh)
     step = jax.jit(
         make_ssl_step(model, heads, tx, schedules, crops, c.ssl, mean, std, rng),
@@ -199,7 +213,8 @@ def ssl_step(args) -> dict:
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
     return {
-        "config": "configs/ssl_pretrain_demo.py",
+        "config": f"{args.ssl_config}:{args.ssl_arg or ''}",
+        "variant": c.model.variant,
         "batch": b,
         "parameters_gib": round(_bytes(state["student"]) / 2**30, 6),
         "collectives": collectives(compiled.as_text()),
@@ -252,7 +267,7 @@ def loop_compiles_and_syncs(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_s16_in21k")
     parser.add_argument("--batch", type=int, default=16)
@@ -265,11 +280,17 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_false",
         help="FSDP without the trainer's parameter gather (what XLA propagation alone does)",
     )
+    parser.add_argument("--ssl-config", default="configs/ssl_pretrain_demo.py")
+    parser.add_argument("--ssl-arg", default=None, help="the config's argument, e.g. batch=64")
     parser.add_argument("--ssl-steps", type=int, default=5)
     parser.add_argument("--loop-steps", type=int, default=100)
     parser.add_argument("--skip", nargs="*", default=[], choices=["dp", "fsdp", "ssl", "loop"])
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
     report = {"devices": jax.device_count(), "device": jax.devices()[0].device_kind}

@@ -66,6 +66,7 @@ def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     c.model.variant = args.model
     c.model.dtype = args.dtype
     c.model.remat = args.remat
+    c.model.attention_impl = args.attention
     c.batch_size = args.batch
     c.input.normalization = "pretrained"
     return c
@@ -256,7 +257,7 @@ def _environment() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_b16_in21k")
     parser.add_argument("--batch", type=int, default=256)
@@ -265,6 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-labels", type=int, default=14)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "xla", "cudnn"],
+        default="auto",
+        help="attention kernel: auto = cuDNN flash for bf16 on GPU, XLA otherwise",
+    )
     parser.add_argument("--no-loop", dest="loop", action="store_false")
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
     parser.add_argument("--framework", choices=["jax", "torch"], default="jax")
@@ -275,9 +282,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="timm side: torch.compile on CUDA, eager on CPU (auto)",
     )
     parser.add_argument("--save", action="store_true", help="append results on CPU as well")
-    args = parser.parse_args(argv)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSONs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     result = {"model": args.model, "batch": args.batch, "steps": args.steps,
+              "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
               **_environment(), "cxrjax": bench_jax(args)}  # fmt: skip
     if args.framework == "torch":
         result["torch"] = bench_torch(args)
@@ -286,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(json.dumps(result, indent=2))
     if result["platform"] != "cpu" or args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        args.results.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-        path = RESULTS / f"{stamp}-{args.model}-{result['device'].replace(' ', '_')}.json"
+        name = f"{stamp}-{args.model}-b{args.batch}-{result['device'].replace(' ', '_')}"
+        path = args.results / f"{name}-{time.time_ns() % 10**6:06d}.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"appended {path}")
     j = result["cxrjax"]

@@ -19,11 +19,14 @@ from cxrjax.models.pretrained import load_pretrained
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The architecture options a run fixes beyond its variant (recorded in run.json, so that
-    inference rebuilds the same module): pooling and LoRA adapters."""
+    inference rebuilds the same module): pooling, LoRA adapters, a forced attention kernel."""
     m = config.model
     options: dict[str, Any] = {}
     if m.get("pool"):
         options["pool"] = m.pool
+    if m.get("attention_impl", "auto") != "auto":
+        # "xla" or "cudnn" (flash): jax.nn.dot_product_attention's implementation.
+        options["attention_impl"] = m.attention_impl
     if m.get("lora_rank", 0):
         options["lora_rank"] = int(m.lora_rank)
         options["lora_alpha"] = float(m.lora_alpha) or None
