@@ -167,3 +167,47 @@ def test_schedules_follow_dinov2():
     assert float(sch.teacher_temp(50)) == pytest.approx(0.07)
     assert float(sch.lr(0)) == 0 and float(sch.lr(10)) == pytest.approx(1e-3)
     assert float(sch.lr(100)) == pytest.approx(1e-6, abs=1e-6)
+
+
+def _numpy_dino_v1_teacher(outputs, temp, momentum=0.9):
+    """DINOv1's DINOLoss teacher side, line by line, in float64: the targets of each batch of
+    `outputs` (a sequence of (N, K) teacher scores) with the centre updated after each."""
+    center = np.zeros((1, outputs[0].shape[1]))
+    targets = []
+    for teacher_output in outputs:
+        x = (teacher_output - center) / temp
+        e = np.exp(x - x.max(-1, keepdims=True))
+        targets.append(e / e.sum(-1, keepdims=True))
+        batch_center = np.sum(teacher_output, axis=0, keepdims=True) / len(teacher_output)
+        center = center * momentum + batch_center * (1 - momentum)
+    return targets, center[0]
+
+
+def test_centering_matches_dino_v1_over_several_batches():
+    rng = np.random.default_rng(5)
+    outputs = [rng.normal(size=(6, 9)) + 2.0 * np.arange(9) / 9 for _ in range(4)]
+    want, want_center = _numpy_dino_v1_teacher(outputs, 0.04, 0.9)
+    center = jnp.zeros(9)
+    for scores, expected in zip(outputs, want, strict=True):
+        scores = jnp.asarray(scores, jnp.float32)
+        got = np.asarray(objective.center_teacher(scores, center, 0.04))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+        center = objective.updated_center(center, scores, 0.9)
+    np.testing.assert_allclose(np.asarray(center), want_center, rtol=1e-5, atol=1e-6)
+    # A prototype every sample favours is pulled back: after the updates, the favoured last
+    # columns carry less target mass than the raw softmax gives them.
+    raw = np.asarray(jax.nn.softmax(jnp.asarray(outputs[-1]) / 0.04, axis=-1))
+    assert want[-1][:, -1].mean() < raw[:, -1].mean()
+
+
+def test_centering_ignores_invalid_rows():
+    rng = np.random.default_rng(6)
+    scores = rng.normal(size=(8, 5))
+    valid = np.arange(8) < 5
+    targets = np.asarray(
+        objective.center_teacher(jnp.asarray(scores), jnp.ones(5), 0.1, jnp.asarray(valid))
+    )
+    assert not targets[5:].any()
+    np.testing.assert_allclose(targets[:5].sum(1), 1, rtol=1e-5)
+    center = objective.updated_center(jnp.zeros(5), jnp.asarray(scores), 0.5, jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(center), 0.5 * scores[:5].mean(0), rtol=1e-5)

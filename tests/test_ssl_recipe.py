@@ -209,3 +209,83 @@ def test_dino_head_matches_a_torch_transcription():
     head = DINOHead(k, hidden, bottleneck, 3)
     got = head.apply({"params": jax.tree.map(jnp.asarray, params)}, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gain_stays_at_one_when_frozen():
+    ssl = ml_collections.ConfigDict(
+        dict(
+            lr=1e-2,
+            min_lr=0.0,
+            warmup_epochs=0,
+            wd=0.04,
+            wd_end=0.04,
+            momentum=0.9,
+            warmup_teacher_temp=0.04,
+            teacher_temp=0.04,
+            teacher_temp_warmup_epochs=0,
+            layer_decay=1.0,
+            patch_embed_lr_mult=1.0,
+            grad_clip=3.0,
+            freeze_prototypes_epochs=0,
+            freeze_gain=True,
+        )
+    )
+    head = DINOHead(8, 16, 4)
+    params = {
+        "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
+        "backbone": {"w": jnp.ones(3)},
+        "mask_token": jnp.zeros(3),
+    }
+    tx = schedules.make_optimizer(ssl, schedules.make_schedules(ssl, 10, 1), params, 1)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    new = params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, new)
+        new = jax.tree.map(lambda p, u: p + u, new, updates)
+    np.testing.assert_array_equal(np.asarray(new["dino_head"]["gain"]), 1.0)
+    assert not np.array_equal(new["dino_head"]["prototypes"], params["dino_head"]["prototypes"])
+
+
+def test_centering_step_updates_the_centres_from_the_teacher_scores(tiny):
+    from cxrjax.ssl.config import ssl_base_config
+    from cxrjax.ssl.step import NEW_CENTERS, build_heads, initial_centers, make_loss
+    from cxrjax.ssl.trainer import crop_options
+
+    model, params = tiny
+    c = ssl_base_config("t")
+    c.crops.global_size, c.crops.local_size, c.crops.num_local = SIZE, 16, 1
+    c.ssl.prototypes, c.ssl.head_hidden_dim, c.ssl.head_bottleneck_dim = 16, 16, 8
+    c.ssl.centering, c.ssl.center_momentum = "centering", 0.8
+    heads = build_heads(c)
+    head_params = heads["dino_head"].init(jax.random.key(1), jnp.zeros((1, model.width)))
+    student = {"backbone": params, "dino_head": head_params["params"]}
+    student["mask_token"] = jnp.zeros((model.width,))
+    teacher = {k: v for k, v in student.items() if k != "mask_token"}
+    rng = np.random.default_rng(0)
+    batch = {
+        "global": jnp.asarray(rng.integers(0, 255, (3, 2, SIZE, SIZE)), jnp.uint8),
+        "local": jnp.asarray(rng.integers(0, 255, (3, 1, 16, 16)), jnp.uint8),
+        "mask": jnp.asarray(rng.random((3, 2, 16)) < 0.3),
+    }
+    mean, std = jnp.zeros(3), jnp.ones(3)
+    centers = initial_centers(c.ssl)
+    assert set(centers) == {"dino", "ibot"}
+    centers = {k: v + 0.5 for k, v in centers.items()}
+    loss_fn = make_loss(model, heads, crop_options(c, 8), c.ssl, mean, std)
+    loss, parts = loss_fn(student, teacher, batch, jax.random.key(0), 0.04, centers)
+    # The teacher's CLS scores, computed here directly.
+    from cxrjax.engine.step import normalize
+
+    images = normalize(batch["global"].reshape(6, SIZE, SIZE), mean, std)
+    tokens = objective.encode(model, teacher["backbone"], images, train=False)
+    scores = heads["dino_head"].apply({"params": teacher["dino_head"]}, tokens[:, 0])
+    want = 0.8 * 0.5 + 0.2 * np.asarray(scores).mean(0)
+    np.testing.assert_allclose(np.asarray(parts[NEW_CENTERS]["dino"]), want, rtol=1e-5)
+    # Sinkhorn-Knopp gives other targets, hence another loss (and no centres).
+    c.ssl.centering = "sinkhorn_knopp"
+    loss_sk, parts_sk = make_loss(model, heads, crop_options(c, 8), c.ssl, mean, std)(
+        student, teacher, batch, jax.random.key(0), 0.04
+    )
+    assert NEW_CENTERS not in parts_sk
+    assert abs(float(loss) - float(loss_sk)) > 1e-4

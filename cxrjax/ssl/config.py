@@ -46,6 +46,13 @@ def ssl_base_config(experiment: str) -> ml_collections.ConfigDict:
     s.warmup_teacher_temp = 0.04
     s.teacher_temp_warmup_epochs = 30.0
     s.sinkhorn_iterations = 3
+    # The teacher's targets: "sinkhorn_knopp" (DINOv2's ViT-L/g recipes) or "centering" (DINOv1's
+    # softmax centring, DINOv2's default config) with the centre's EMA momentum (DINOv1's 0.9).
+    s.centering = "sinkhorn_knopp"
+    s.center_momentum = 0.9
+    # Keep the prototypes' weight-norm gain at 1 (DINOv1's norm_last_layer=True); DINOv2 and
+    # RAD-DINO train it.
+    s.freeze_gain = False
     s.momentum = 0.992  # cosine to 1
     s.lr = 4e-3  # DINOv2's base lr at batch 1024 (scaled by sqrt(batch / 1024) in configs)
     s.min_lr = 1e-6

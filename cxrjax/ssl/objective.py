@@ -40,6 +40,32 @@ def sinkhorn_knopp(
     return (q * n).T * w[:, None]
 
 
+def center_teacher(
+    logits: jax.Array, center: jax.Array, temperature: float | jax.Array, valid=None
+) -> jax.Array:
+    """Teacher targets (N, K) by DINOv1's centring: softmax((logits - center) / T) per row.
+
+    DINOv2's `softmax_center_teacher` (its `train.centering: centering`): `center` (K,) is an EMA
+    of the teacher's batch-mean scores (`updated_center`), so no prototype wins every sample,
+    while the low temperature sharpens; unlike Sinkhorn-Knopp it does not make each batch use
+    the prototypes equally. `valid` (N,) zeroes the targets of padding rows.
+    """
+    q = jax.nn.softmax((logits.astype(jnp.float32) - center) / temperature, axis=-1)
+    return q if valid is None else q * valid.astype(jnp.float32)[:, None]
+
+
+def updated_center(center: jax.Array, logits: jax.Array, momentum: float, valid=None) -> jax.Array:
+    """DINOv1's `update_center`: momentum * center + (1 - momentum) * the batch mean of the
+    teacher's raw (N, K) scores (the mean over `valid` rows only, when given)."""
+    x = logits.astype(jnp.float32)
+    if valid is None:
+        mean = jnp.mean(x, axis=0)
+    else:
+        w = valid.astype(jnp.float32)
+        mean = jnp.sum(x * w[:, None], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+    return momentum * center + (1 - momentum) * mean
+
+
 def cross_entropy(targets: jax.Array, student_logits: jax.Array, student_temp: float) -> jax.Array:
     """Per row -sum(t * log_softmax(s / T_s)): (..., K) -> (...)."""
     log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)

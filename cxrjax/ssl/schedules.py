@@ -150,9 +150,10 @@ class _State(NamedTuple):
 
 
 def scheduled_adamw_tail(
-    schedules: Schedules, scales: Any, freeze_prototypes_steps: int
+    schedules: Schedules, scales: Any, freeze_prototypes_steps: int, freeze_gain: bool = False
 ) -> optax.GradientTransformation:
-    """After Adam: adds the scheduled decoupled weight decay, then scales by -lr per parameter."""
+    """After Adam: adds the scheduled decoupled weight decay, then scales by -lr per parameter.
+    `freeze_gain` keeps every head's `gain` where it is (DINOv1's norm_last_layer)."""
 
     def init(params):
         del params
@@ -167,6 +168,8 @@ def scheduled_adamw_tail(
             decay = 0.0 if _no_decay(names) else wd
             # DINOv2 freezes its whole last layer: weight_v (prototypes) and weight_g (gain).
             factor = -lr * s * (thaw if names[-1] in LAST_LAYER else 1.0)
+            if freeze_gain and names[-1] == "gain":
+                factor = 0.0
             return (factor * (u + decay * p)).astype(u.dtype)
 
         out = jax.tree_util.tree_map_with_path(one, updates, params, scales)
@@ -187,7 +190,10 @@ def make_optimizer(
     parts += [
         optax.scale_by_adam(b1=0.9, b2=0.999),
         scheduled_adamw_tail(
-            schedules, scales, round(ssl.freeze_prototypes_epochs * steps_per_epoch)
+            schedules,
+            scales,
+            round(ssl.freeze_prototypes_epochs * steps_per_epoch),
+            ssl.get("freeze_gain", False),
         ),
     ]
     return optax.chain(*parts)

@@ -19,6 +19,7 @@ import optax
 
 from cxrjax import sharding
 from cxrjax.engine.step import normalize
+from cxrjax.errors import ConfigError
 from cxrjax.models.pretrained import load_pretrained
 from cxrjax.models.weights import flatten, read_weights, unflatten
 from cxrjax.ssl import objective
@@ -27,6 +28,9 @@ from cxrjax.ssl.multicrop import CropOptions
 from cxrjax.ssl.schedules import Schedules
 
 HEADS = ("dino_head", "ibot_head")
+# The loss's aux key for the updated centres (centering="centering"), which the step stores as
+# state["center"] and keeps out of the metrics.
+NEW_CENTERS = "new_centers"
 # The converters' key for the trained mask token, shape (width,).
 MASK_TOKEN = "mask_token"
 
@@ -45,6 +49,19 @@ def build_heads(config: ml_collections.ConfigDict) -> dict[str, DINOHead]:
     if s.ibot_separate_head:
         heads["ibot_head"] = head.clone(num_prototypes=s.ibot_prototypes or s.prototypes)
     return heads
+
+
+CENTERINGS = ("sinkhorn_knopp", "centering")
+
+
+def initial_centers(ssl: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """DINOv1's centres, zeros at the start: one for the CLS scores ("dino") and one for the
+    masked patches' ("ibot", when iBOT is on), as DINOv2 keeps one per loss."""
+    centers = {"dino": jnp.zeros((ssl.prototypes,), jnp.float32)}
+    if ssl.ibot_weight:
+        k = (ssl.ibot_prototypes or ssl.prototypes) if ssl.ibot_separate_head else ssl.prototypes
+        centers["ibot"] = jnp.zeros((k,), jnp.float32)
+    return centers
 
 
 def init_state(
@@ -69,12 +86,15 @@ def init_state(
 
     def state_from(student):
         teacher = {k: v for k, v in student.items() if k != "mask_token"}
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "student": student,
             "teacher": teacher,
             "opt_state": tx.init(student),
         }
+        if config.ssl.get("centering") == "centering":
+            state["center"] = initial_centers(config.ssl)
+        return state
 
     init = lambda r: state_from(student_init(r))  # noqa: E731
     shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp=config.fsdp)
@@ -136,8 +156,9 @@ def make_ssl_step(
         rng = jax.random.fold_in(base_rng, step)
         temp = schedules.teacher_temp(step)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["student"], state["teacher"], batch, rng, temp
+            state["student"], state["teacher"], batch, rng, temp, state.get("center")
         )
+        new_centers = parts.pop(NEW_CENTERS, None)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
@@ -149,6 +170,8 @@ def make_ssl_step(
             {k: student[k] for k in state["teacher"]},
         )
         new = {"step": step + 1, "student": student, "teacher": teacher, "opt_state": opt_state}
+        if new_centers is not None:
+            new["center"] = new_centers
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         new["step"] = step + 1
         metrics = {
@@ -174,8 +197,15 @@ def make_loss(
     mean: jax.Array,
     std: jax.Array,
 ) -> Callable[..., tuple[jax.Array, dict]]:
-    """(student, teacher, batch, rng, teacher_temp) -> (loss, its parts); the teacher's outputs
-    are constants (stop_gradient), so the gradient is the student's alone."""
+    """(student, teacher, batch, rng, teacher_temp[, centers]) -> (loss, its parts); the teacher's
+    outputs are constants (stop_gradient), so the gradient is the student's alone.
+
+    The teacher's targets: Sinkhorn-Knopp (DINOv2's recipe, `ssl.centering="sinkhorn_knopp"`), or
+    DINOv1's centring (`"centering"`) against `centers` = state["center"]; then the parts also
+    hold the centres updated with this batch (after the targets, as DINOv1) under NEW_CENTERS."""
+    if ssl.get("centering", "sinkhorn_knopp") not in CENTERINGS:
+        raise ConfigError(f"ssl.centering={ssl.centering!r}: use one of {CENTERINGS}")
+    centering = ssl.get("centering") == "centering"
     prefix = model.num_prefix_tokens
     ibot_name = "ibot_head" if "ibot_head" in heads else "dino_head"
     dino_head, ibot_head = heads["dino_head"], heads[ibot_name]
@@ -185,7 +215,15 @@ def make_loss(
         patches = tokens[:, prefix:]
         return patches.reshape(-1, patches.shape[-1])[index]
 
-    def loss_fn(student, teacher, batch, rng, temp):
+    def targets_of(scores, temp, center, valid=None):
+        if centering:
+            return objective.center_teacher(scores, center, temp, valid)
+        return objective.sinkhorn_knopp(scores, temp, ssl.sinkhorn_iterations, valid)
+
+    def loss_fn(student, teacher, batch, rng, temp, centers=None):
+        if centering and centers is None:
+            centers = initial_centers(ssl)
+        new_centers = {}
         b = batch["global"].shape[0]
         g = crops.global_size
         images = normalize(batch["global"].reshape(b * 2, g, g), mean, std)
@@ -201,7 +239,10 @@ def make_loss(
 
         t_tokens = objective.encode(model, teacher["backbone"], images, train=False)
         t_scores = dino_head.apply({"params": teacher["dino_head"]}, t_tokens[:, 0])
-        t_cls = objective.sinkhorn_knopp(t_scores, temp, ssl.sinkhorn_iterations)
+        t_cls = targets_of(t_scores, temp, centers["dino"] if centering else None)
+        if centering:
+            m = ssl.center_momentum
+            new_centers["dino"] = objective.updated_center(centers["dino"], t_scores, m)
         targets = jax.lax.stop_gradient(t_cls.reshape(b, 2, -1))
 
         s_tokens = objective.encode(
@@ -227,7 +268,11 @@ def make_loss(
 
         if ssl.ibot_weight:
             t_patch = ibot_head.apply({"params": teacher[ibot_name]}, gather(t_tokens, index))
-            t_patch = objective.sinkhorn_knopp(t_patch, temp, ssl.sinkhorn_iterations, valid)
+            center = centers["ibot"] if centering else None
+            if centering:
+                m = ssl.center_momentum
+                new_centers["ibot"] = objective.updated_center(center, t_patch, m, valid)
+            t_patch = targets_of(t_patch, temp, center, valid)
             t_patch = jax.lax.stop_gradient(t_patch)
             s_patch = ibot_head.apply({"params": student[ibot_name]}, gather(s_tokens, index))
             ibot = objective.ibot_loss(s_patch, t_patch, weights, b * 2, ssl.student_temp)
@@ -238,6 +283,8 @@ def make_loss(
             cls = s_tokens[:, 0].reshape(b, 2, -1)
             koleo = objective.koleo_loss(cls[:, 0]) + objective.koleo_loss(cls[:, 1])
             loss, parts["koleo_loss"] = loss + ssl.koleo_weight * koleo, koleo
+        if centering:
+            parts[NEW_CENTERS] = jax.lax.stop_gradient(new_centers)
         return loss, parts
 
     return loss_fn
