@@ -57,7 +57,7 @@ def test_csv_folder_with_graded_labels_and_splits(tmp_path):
         "img/d.png,p3,,0,5\n",
     )
     table = read_csv(tmp_path, threshold=3)
-    assert table.name == "csv" and table.label_names == ["cardiomegaly", "congestion"]
+    assert table.name == tmp_path.name and table.label_names == ["cardiomegaly", "congestion"]
     f = table.frame
     assert f["split"].tolist() == ["train", "val", "test", ""]
     assert f["path"].tolist()[:3] == [

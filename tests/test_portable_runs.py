@@ -187,3 +187,37 @@ def test_a_misspelt_label_exits_2_without_a_traceback(tiny_shards, tmp_path):
     assert "Traceback" not in done.stderr + done.stdout
     assert "error: labels ['squarre'] are not in the shards" in done.stderr
     assert "Fix config.data.labels" in done.stderr
+
+
+def test_a_private_csv_with_sex_and_age_reaches_evaluate_subgroups(portable, tmp_path, capsys):
+    """tools/prepare_data.py --dataset csv --name --attributes: a hospital's CSV with its own
+    column names (`Gender` M/F, DICOM-style `PatientAge`), evaluated by subgroup."""
+    import tools.prepare_data as prepare_data
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    table = write_tiny_raw_dataset(raw, n_images=80, seed=5)
+    frame = table.frame.rename(columns={"square": "Effusion"}).drop(columns=["image_id"])
+    frame["Gender"] = ["M" if i % 3 else "F" for i in range(len(frame))]
+    frame["PatientAge"] = [f"{40 + (i % 4) * 15:03d}Y" for i in range(len(frame))]
+    frame.loc[0, "Gender"] = "unknown"
+    frame.to_csv(raw / "labels.csv", index=False)
+    data = tmp_path / "hospital_c"
+    argv = ["--dataset", "csv", "--raw", str(raw), "--out", str(data), "--size", "32"]
+    argv += ["--name", "hospital_c", "--attributes", "sex=Gender", "age=PatientAge"]
+    assert prepare_data.main([*argv, "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 80 cells of column 'Gender' are not a known sex value" in printed
+    info = json.loads((data / "dataset_info.json").read_text())
+    # The attribute columns are not labels, though PatientAge's digits could pass for numbers.
+    assert info["name"] == "hospital_c" and info["label_names"] == ["pleural_effusion", "stripe"]
+
+    out = tmp_path / "external"
+    argv = ["evaluate", "--workdir", str(portable["copy"]), "--data", str(data), "--out", str(out)]
+    argv += ["--min-per-class", "2", "--bootstrap", "20", "--subgroups", "--no-plots"]
+    assert evaluate.main(argv) == 0
+    metrics = json.loads((out / "metrics_test.json").read_text())
+    assert metrics["tested_on"] == "hospital_c"
+    assert set(metrics["subgroups"]["sex"]["groups"]) <= {"female", "male"}
+    assert set(metrics["subgroups"]["age_band"]["groups"]) <= {"40-49", "50-59", "70-79", "80-89"}
+    assert len(metrics["subgroups"]["age_band"]["groups"]) >= 2

@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         "folder dataset (unlabeled images): optional CSV of path, patient_id",
     )
     p.add_argument("--threshold", type=float, help="csv dataset: grade >= threshold is positive")
+    p.add_argument("--name", help="csv dataset: its name in results (default: the folder's name)")
+    p.add_argument(
+        "--attributes",
+        nargs="+",
+        metavar="KEY[=COLUMN]",
+        help="csv dataset: sex, age, view columns for evaluate --subgroups (e.g. age=PatientAge)",
+    )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--resize", default="squash", choices=RESIZE_MODES)
     p.add_argument("--resample", default="reduce", choices=RESAMPLE_MODES)
@@ -107,19 +114,28 @@ def read_table(args: argparse.Namespace) -> RawTable:
                 f"--dataset csv takes explicit --labels column names, not the set name {labels!r}",
                 "name the label columns of the CSV",
             )
-        table = READERS["csv"](args.raw, csv=args.csv, labels=labels, threshold=args.threshold)
+        table = READERS["csv"](
+            args.raw,
+            csv=args.csv,
+            labels=labels,
+            threshold=args.threshold,
+            name=args.name,
+            attributes=args.attributes,
+        )
     elif args.dataset == "folder":
         # Unlabeled images for self-supervised pretraining; --csv optionally names patients.
-        if labels is not None or args.threshold is not None:
+        if labels is not None or args.threshold is not None or args.attributes:
             raise ConfigError(
-                "--dataset folder has no labels: --labels and --threshold do not apply",
+                "--dataset folder has no labels: --labels, --threshold and --attributes do not "
+                "apply",
                 "drop them (--csv may give the images' patient_id)",
             )
         table = READERS["folder"](args.raw, csv=args.csv)
     else:
-        if args.csv is not None or args.threshold is not None:
+        if args.csv is not None or args.threshold is not None or args.name or args.attributes:
             raise ConfigError(
-                f"--csv and --threshold apply to --dataset csv only, not {args.dataset}",
+                "--csv, --threshold, --name and --attributes apply to --dataset csv only, not "
+                f"{args.dataset}",
                 "drop them",
             )
         kwargs: dict = {"labels": labels, "uncertain": args.uncertain}

@@ -2,9 +2,11 @@
 
 One row per image: `path` (absolute, or relative to the image root), `patient_id`, optional
 `image_id` (default: the path as written) and `split` (train / val / test, blank = assign), and
-label columns. Graded labels (e.g. 0-4 severity) become binary with `grade >= threshold`; blank
-cells are unknown (NaN, masked). A label column in any dataset's spelling of a known finding
-(`Effusion`) is stored under its canonical name (`pleural_effusion`); other columns keep theirs.
+label columns; with `attributes`, coarse sex / age / view columns for subgroup evaluation (only
+"female"/"male", 10-year age bands and AP/PA/lateral/supine are kept, never the raw values).
+Graded labels (e.g. 0-4 severity) become binary with `grade >= threshold`; blank cells are
+unknown (NaN, masked). A label column in any dataset's spelling of a known finding (`Effusion`)
+is stored under its canonical name (`pleural_effusion`); other columns keep theirs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrjax.data.datasets._common import MetadataError, as_table_frame, read_csv_checked
+from cxrjax import console
+from cxrjax.data.datasets._common import (
+    MetadataError,
+    age_bands,
+    as_table_frame,
+    read_csv_checked,
+)
 from cxrjax.data.datasets.labels import canonical
 from cxrjax.data.table import RawTable
 
@@ -30,6 +38,57 @@ _SPLIT_ALIASES = {
     "test": "test",
     "": "",
 }
+
+
+# --attributes KEY[=COLUMN]: the table attribute each key fills, and how raw cells map to it.
+ATTRIBUTE_KEYS = {"sex": "sex", "age": "age_band", "view": "view"}
+_SEX = {"m": "male", "male": "male", "man": "male", "f": "female", "female": "female",
+        "woman": "female"}  # fmt: skip
+_VIEW = {"ap": "AP", "pa": "PA", "lateral": "lateral", "lat": "lateral", "ll": "lateral",
+         "rl": "lateral", "l": "lateral", "supine": "supine", "ap supine": "supine"}  # fmt: skip
+
+
+def parse_attributes(specs: list[str], columns: list[str], csv: Path) -> dict[str, str]:
+    """`["sex", "age=PatientAge"]` -> {"sex": column, "age_band": column}: a key alone names the
+    column of that name (any case)."""
+    by_lower = {c.lower(): c for c in columns}
+    out = {}
+    for spec in specs:
+        key, _, column = spec.partition("=")
+        if key not in ATTRIBUTE_KEYS:
+            raise MetadataError(
+                f"--attributes {spec!r}: {key!r} is not an attribute; use sex, age or view, "
+                "optionally as KEY=COLUMN (e.g. age=PatientAge)"
+            )
+        found = column if column in columns else by_lower.get((column or key).lower())
+        if found is None:
+            raise MetadataError(
+                f"{csv}: no column {column or key!r} for --attributes {spec}; found "
+                f"{columns[:12]}. Pass KEY=COLUMN with the file's column name"
+            )
+        out[ATTRIBUTE_KEYS[key]] = found
+    return out
+
+
+def _attribute_values(frame: pd.DataFrame, attributes: dict[str, str], csv: Path) -> dict:
+    """The coarse values of each attribute; cells that map to none are counted on the console."""
+    out = {}
+    for attribute, column in attributes.items():
+        raw = frame[column].astype(str).str.strip()
+        if attribute == "age_band":
+            # "64", "64.5" or DICOM's "064Y": the number, then its 10-year band.
+            values = age_bands(raw.str.extract(r"^(\d+(?:\.\d+)?)\s*[yY]?$")[0])
+        else:
+            codes = _SEX if attribute == "sex" else _VIEW
+            values = [codes.get(v.lower(), "") for v in raw]
+        unusable = int(sum(1 for v, r in zip(values, raw, strict=True) if not v and r))
+        if unusable:
+            console.say(
+                f"{csv}: {unusable} of {len(raw)} cells of column {column!r} are not a known "
+                f"{attribute} value; those images have it unknown"
+            )
+        out[attribute] = values
+    return out
 
 
 def _binary_labels(
@@ -91,6 +150,8 @@ def read_csv(
     csv: Path | None = None,
     labels: list[str] | None = None,
     threshold: float | None = None,
+    name: str | None = None,
+    attributes: list[str] | None = None,
 ) -> RawTable:
     """Reads a generic labels CSV.
 
@@ -99,6 +160,8 @@ def read_csv(
     labels: label columns, by column name or canonical name; None takes every numeric column
       other than path, patient_id, image_id and split.
     threshold: graded labels become `value >= threshold`; None requires 0/1 values.
+    name: the dataset's name in every JSON, table and comparison; None: the folder's name.
+    attributes: `sex`, `age`, `view`, each optionally `KEY=COLUMN` (see `parse_attributes`).
     """
     raw = Path(raw).expanduser().resolve()
     if raw.is_file():
@@ -114,8 +177,10 @@ def read_csv(
     frame = read_csv_checked(csv_path, ["path", "patient_id"], dtype=str, keep_default_na=False)
     if frame.empty:
         raise MetadataError(f"{csv_path}: has no rows")
+    attribute_columns = parse_attributes(list(attributes or ()), list(frame.columns), csv_path)
     if labels is None:
-        candidates = [c for c in frame.columns if c not in RESERVED]
+        reserved = (*RESERVED, *attribute_columns.values())
+        candidates = [c for c in frame.columns if c not in reserved]
         columns = [
             c
             for c in candidates
@@ -125,6 +190,9 @@ def read_csv(
         ]
         if not columns:
             raise MetadataError(f"{csv_path}: no numeric label column; pass --labels")
+        skipped = [c for c in candidates if c not in columns]
+        if skipped:
+            console.say(f"{csv_path}: not label columns (not 0/1 or numbers): {skipped}")
     else:
         columns = _label_columns(labels, list(frame.columns), csv_path)
     names = [canonical(c) or c for c in columns]
@@ -155,8 +223,15 @@ def read_csv(
         split = split.map(_SPLIT_ALIASES)
     else:
         split = [""] * len(frame)
-    table_frame = as_table_frame(image_ids, absolute, patients, split, label_values)
+    table_frame = as_table_frame(
+        image_ids,
+        absolute,
+        patients,
+        split,
+        label_values,
+        _attribute_values(frame, attribute_columns, csv_path),
+    )
     if table_frame["image_id"].duplicated().any():
         dup = table_frame["image_id"][table_frame["image_id"].duplicated()].iloc[0]
         raise MetadataError(f"{csv_path}: image {dup!r} is listed twice")
-    return RawTable("csv", names, table_frame)
+    return RawTable(name or root.name, names, table_frame)
