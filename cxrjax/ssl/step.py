@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from cxrjax import sharding
-from cxrjax.engine.step import normalize
+from cxrjax.engine.step import normalize, update_if_finite
 from cxrjax.errors import ConfigError
 from cxrjax.models.pretrained import load_pretrained
 from cxrjax.models.weights import flatten, read_weights, unflatten
@@ -161,18 +161,22 @@ def make_ssl_step(
         new_centers = parts.pop(NEW_CENTERS, None)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
-        student = optax.apply_updates(state["student"], updates)
         m = schedules.momentum(step)
-        teacher = jax.tree.map(
-            lambda t, s: m * t + (1 - m) * s,
-            state["teacher"],
-            {k: student[k] for k in state["teacher"]},
-        )
-        new = {"step": step + 1, "student": student, "teacher": teacher, "opt_state": opt_state}
-        if new_centers is not None:
-            new["center"] = new_centers
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+        def update(state):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
+            student = optax.apply_updates(state["student"], updates)
+            teacher = jax.tree.map(
+                lambda t, s: m * t + (1 - m) * s,
+                state["teacher"],
+                {k: student[k] for k in state["teacher"]},
+            )
+            new = {**state, "student": student, "teacher": teacher, "opt_state": opt_state}
+            if new_centers is not None:
+                new["center"] = new_centers
+            return new
+
+        new = update_if_finite(finite, update, state)
         new["step"] = step + 1
         metrics = {
             "loss": loss,
@@ -216,9 +220,11 @@ def make_loss(
         return patches.reshape(-1, patches.shape[-1])[index]
 
     def targets_of(scores, temp, center, valid=None):
-        if centering:
-            return objective.center_teacher(scores, center, temp, valid)
-        return objective.sinkhorn_knopp(scores, temp, ssl.sinkhorn_iterations, valid)
+        """(targets, the centre updated with this batch's scores or None)."""
+        if not centering:
+            return objective.sinkhorn_knopp(scores, temp, ssl.sinkhorn_iterations, valid), None
+        updated = objective.updated_center(center, scores, ssl.center_momentum, valid)
+        return objective.center_teacher(scores, center, temp, valid), updated
 
     def loss_fn(student, teacher, batch, rng, temp, centers=None):
         if centering and centers is None:
@@ -239,10 +245,8 @@ def make_loss(
 
         t_tokens = objective.encode(model, teacher["backbone"], images, train=False)
         t_scores = dino_head.apply({"params": teacher["dino_head"]}, t_tokens[:, 0])
-        t_cls = targets_of(t_scores, temp, centers["dino"] if centering else None)
-        if centering:
-            m = ssl.center_momentum
-            new_centers["dino"] = objective.updated_center(centers["dino"], t_scores, m)
+        center = centers["dino"] if centering else None
+        t_cls, new_centers["dino"] = targets_of(t_scores, temp, center)
         targets = jax.lax.stop_gradient(t_cls.reshape(b, 2, -1))
 
         s_tokens = objective.encode(
@@ -269,10 +273,7 @@ def make_loss(
         if ssl.ibot_weight:
             t_patch = ibot_head.apply({"params": teacher[ibot_name]}, gather(t_tokens, index))
             center = centers["ibot"] if centering else None
-            if centering:
-                m = ssl.center_momentum
-                new_centers["ibot"] = objective.updated_center(center, t_patch, m, valid)
-            t_patch = targets_of(t_patch, temp, center, valid)
+            t_patch, new_centers["ibot"] = targets_of(t_patch, temp, center, valid)
             t_patch = jax.lax.stop_gradient(t_patch)
             s_patch = ibot_head.apply({"params": student[ibot_name]}, gather(s_tokens, index))
             ibot = objective.ibot_loss(s_patch, t_patch, weights, b * 2, ssl.student_temp)
