@@ -47,10 +47,10 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_train import sharded_step  # noqa: E402  (tools/ is on the path beside this file)
 
 from cxrjax import sharding  # noqa: E402
 from cxrjax.config_base import base_config  # noqa: E402
-from cxrjax.engine import state as train_state  # noqa: E402
 from cxrjax.engine import step as steps  # noqa: E402
 from cxrjax.errors import run_main  # noqa: E402
 from cxrjax.models import get_spec  # noqa: E402
@@ -103,27 +103,9 @@ def fine_tuning_step(args, *, fsdp: bool, remat: bool) -> dict:
     c = base_config("bench", "csv")
     c.model.variant, c.model.dtype, c.model.remat, c.fsdp = args.model, args.dtype, remat, fsdp
     c.batch_size = args.batch
+    c.input.normalization = "pretrained"
     size = get_spec(args.model).image_size
-    mesh = sharding.make_mesh()
-    model = train_state.build_model(c, args.num_labels, size)
-    rng = jax.random.key(0)
-    tx, state, shardings, _ = train_state.init_state(c, model, size, mesh, rng, 100)
-    mean, std = (jnp.asarray(v) for v in steps.input_stats("pretrained", args.model))
-    data = sharding.data_sharding(mesh)
-    step = jax.jit(
-        steps.make_train_step(
-            model,
-            tx,
-            mean,
-            std,
-            jnp.ones(args.num_labels),
-            rng,
-            compute_sharding=sharding.replicated(mesh) if fsdp and args.gather else None,
-        ),
-        in_shardings=(shardings, data),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step, state, _, data = sharded_step(c, args.num_labels, size, 100, gather=args.gather)
     batch = {
         "image": jax.ShapeDtypeStruct((args.batch, size, size), jnp.uint8, sharding=data),
         "labels": jax.ShapeDtypeStruct((args.batch, args.num_labels), jnp.float32, sharding=data),
@@ -133,10 +115,8 @@ def fine_tuning_step(args, *, fsdp: bool, remat: bool) -> dict:
     params = _bytes(state["params"])
     sharded = sum(
         x.size * x.dtype.itemsize
-        for x, s in zip(
-            jax.tree.leaves(state["params"]), jax.tree.leaves(shardings["params"]), strict=True
-        )
-        if any(axis is not None for axis in s.spec)
+        for x in jax.tree.leaves(state["params"])
+        if any(axis is not None for axis in x.sharding.spec)
     )
     found = collectives(compiled.as_text())
     if fsdp:

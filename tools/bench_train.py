@@ -83,23 +83,46 @@ def _timed(run_step, state, batches, steps: int) -> tuple[float, object]:
     return time.perf_counter() - start, state
 
 
-def bench_jax(args: argparse.Namespace) -> dict:
-    config = _config(args)
-    size = args.image_size or get_spec(args.model).image_size
+def sharded_step(
+    config: ml_collections.ConfigDict,
+    num_labels: int,
+    size: int,
+    total_steps: int,
+    *,
+    gather: bool = True,
+) -> tuple:
+    """(jitted train step, its state, mesh, batch sharding) as `cxrjax.engine.trainer` builds
+    them: state shardings (FSDP when `config.fsdp`), donated state, and under FSDP the
+    parameter gather of `make_train_step(compute_sharding=...)` unless `gather` is off."""
     mesh = sharding.make_mesh()
-    model = train_state.build_model(config, args.num_labels, size)
-    total_steps = 2 * args.steps + 2
+    model = train_state.build_model(config, num_labels, size)
     rng = jax.random.key(0)
     tx, state, shardings, _ = train_state.init_state(config, model, size, mesh, rng, total_steps)
     stats = steps.input_stats(config.input.normalization, config.model.variant)
     mean, std = (jnp.asarray(v) for v in stats)
     data = sharding.data_sharding(mesh)
     step = jax.jit(
-        steps.make_train_step(model, tx, mean, std, jnp.ones(args.num_labels), rng),
+        steps.make_train_step(
+            model,
+            tx,
+            mean,
+            std,
+            jnp.ones(num_labels),
+            rng,
+            compute_sharding=sharding.replicated(mesh) if config.fsdp and gather else None,
+        ),
         in_shardings=(shardings, data),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    return step, state, mesh, data
+
+
+def bench_jax(args: argparse.Namespace) -> dict:
+    config = _config(args)
+    size = args.image_size or get_spec(args.model).image_size
+    total_steps = 2 * args.steps + 2
+    step, state, mesh, data = sharded_step(config, args.num_labels, size, total_steps)
     host = np.random.default_rng(0)
     batch = pipeline.to_device(
         {
