@@ -82,8 +82,9 @@ def test_lr_scales_and_no_decay_groups(tiny):
         assert decayed not in no_decay, decayed
 
 
-def test_last_layer_stays_frozen_for_the_configured_steps():
-    ssl = ml_collections.ConfigDict(
+def _optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """The ssl fields `schedules.make_optimizer` reads: constant lr and wd, no layer decay."""
+    return ml_collections.ConfigDict(
         dict(
             lr=1e-2,
             min_lr=0.0,
@@ -97,9 +98,13 @@ def test_last_layer_stays_frozen_for_the_configured_steps():
             layer_decay=1.0,
             patch_embed_lr_mult=1.0,
             grad_clip=3.0,
-            freeze_prototypes_epochs=2,
+            **overrides,
         )
     )
+
+
+def test_last_layer_stays_frozen_for_the_configured_steps():
+    ssl = _optimizer_config(freeze_prototypes_epochs=2)
     head = DINOHead(8, 16, 4)
     params = {
         "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
@@ -212,24 +217,7 @@ def test_dino_head_matches_a_torch_transcription():
 
 
 def test_gain_stays_at_one_when_frozen():
-    ssl = ml_collections.ConfigDict(
-        dict(
-            lr=1e-2,
-            min_lr=0.0,
-            warmup_epochs=0,
-            wd=0.04,
-            wd_end=0.04,
-            momentum=0.9,
-            warmup_teacher_temp=0.04,
-            teacher_temp=0.04,
-            teacher_temp_warmup_epochs=0,
-            layer_decay=1.0,
-            patch_embed_lr_mult=1.0,
-            grad_clip=3.0,
-            freeze_prototypes_epochs=0,
-            freeze_gain=True,
-        )
-    )
+    ssl = _optimizer_config(freeze_prototypes_epochs=0, freeze_gain=True)
     head = DINOHead(8, 16, 4)
     params = {
         "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
