@@ -25,7 +25,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if m.get("pool"):
         options["pool"] = m.pool
     if m.get("attention_impl", "auto") != "auto":
-        # "xla" or "cudnn" (flash): jax.nn.dot_product_attention's implementation.
+        # "xla" or "cudnn" (flash): the kernel cxrjax.models.attention uses.
         options["attention_impl"] = m.attention_impl
     if m.get("lora_rank", 0):
         options["lora_rank"] = int(m.lora_rank)

@@ -1,9 +1,10 @@
 """Attention rollout (Abnar & Zuidema 2020) for the ViT, and its overlay on the input image.
 
-The model attends through `jax.nn.dot_product_attention`, which on GPU may be a fused kernel that
-never materialises the probabilities, so they cannot simply be captured. Instead the `query` and
-`key` projections of every block are captured (Flax `capture_intermediates`) and the softmax is
-recomputed exactly as the XLA path of `dot_product_attention` computes it.
+The model attends through `cxrjax.models.attention`, whose kernels never materialise the
+normalised probabilities (cuDNN's fused kernel on GPU; the XLA form normalises after the product
+with the values), so they cannot simply be captured. Instead the `query` and `key` projections of
+every block are captured (Flax `capture_intermediates`) and `attention_probs` recomputes the
+softmax from the same scores the model computes.
 
 Rollout: per layer, average the attention over heads, add the identity (the residual stream),
 renormalise the rows, and multiply the layers through (last layer on the left). The CLS row of
@@ -22,19 +23,8 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from cxrjax.models.attention import attention_probs
 from cxrjax.models.vit import Attention
-
-
-def attention_probs(query: jax.Array, key: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim)) of (B, T, H, D) projections -> (B, H, T, T) float32.
-
-    Same operations in the same order as `jax.nn.dot_product_attention`'s XLA implementation
-    (float32 logits, scaled after the product, float32 softmax), so the probabilities are the
-    ones the model multiplies the values by.
-    """
-    logits = jnp.einsum("BTNH,BSNH->BNTS", query, key, preferred_element_type=jnp.float32)
-    logits *= jnp.array(1.0 / np.sqrt(query.shape[-1]), dtype=logits.dtype)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def _is_query_or_key(module: nn.Module, method_name: str) -> bool:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.errors import ConfigError
+from cxrjax.models.attention import dot_product_attention
 from cxrjax.models.lora import LORA_TARGETS, Projection, lora_scale
 from cxrjax.models.posemb import resample_posemb
 from cxrjax.models.rope import rope_tables
@@ -60,7 +61,7 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention`` (cuDNN on GPU).
+    """Multi-head self-attention (:mod:`cxrjax.models.attention`: cuDNN on GPU, XLA otherwise).
 
     ``key_bias=False`` drops the key bias (DINOv3 masks it to zero; softmax is invariant to it
     anyway). ``rope`` rotates the patch tokens of queries and keys inside their projections.
@@ -98,17 +99,17 @@ class Attention(nn.Module):
         q = proj("query", heads, (-1,))(x, rope)
         k = proj("key", heads, (-1,), use_bias=self.key_bias)(x, rope)
         v = proj("value", heads, (-1,))(x)
-        y = jax.nn.dot_product_attention(q, k, v, implementation=_attention_impl(self))
+        y = dot_product_attention(q, k, v, _attention_impl(self))
         return proj("out", (width,), (-2, -1))(y)
 
 
-def _attention_impl(module: nn.Module) -> str | None:
+def _attention_impl(module: nn.Module) -> str:
     if module.impl != "auto":
         return module.impl
     if jax.default_backend() == "gpu" and module.dtype != jnp.float32:
-        # jax defaults to the XLA path; cuDNN's flash kernel needs bf16/fp16 and must be asked.
+        # cuDNN's flash kernel needs bf16/fp16 and must be asked for.
         return "cudnn"
-    return None
+    return "xla"
 
 
 class Mlp(nn.Module):
@@ -232,7 +233,7 @@ class MAPHead(nn.Module):
         heads = (self.num_heads, head_dim)
         q = proj("query", heads, (-1,))(probe)
         k, v = proj("key", heads, (-1,))(x), proj("value", heads, (-1,))(x)
-        y = jax.nn.dot_product_attention(q, k, v)
+        y = dot_product_attention(q, k, v)
         y = proj("out", (width,), (-2, -1))(y)
         h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="norm")(y)
         y = y + Mlp(
