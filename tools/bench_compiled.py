@@ -51,7 +51,6 @@ from bench_train import sharded_step  # noqa: E402  (tools/ is on the path besid
 
 from cxrjax import sharding  # noqa: E402
 from cxrjax.config_base import base_config  # noqa: E402
-from cxrjax.engine import step as steps  # noqa: E402
 from cxrjax.errors import run_main  # noqa: E402
 from cxrjax.models import get_spec  # noqa: E402
 
@@ -140,40 +139,17 @@ def ssl_step(args) -> dict:
     facts, and its rate alone on synthetic crops."""
     import importlib.util
 
-    from cxrjax.models import create_model
-    from cxrjax.ssl import schedules as schedules_lib
-    from cxrjax.ssl.step import build_heads, init_state, make_ssl_step
-    from cxrjax.ssl.trainer import _student_shapes, crop_options
+    from cxrjax.ssl.trainer import build_model, build_step, crop_options
 
     spec = importlib.util.spec_from_file_location("ssl_config", ROOT / args.ssl_config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(args.ssl_arg)
     mesh = sharding.make_mesh()
-    m = c.model
-    model = create_model(
-        m.variant,
-        0,
-        image_size=c.crops.global_size,
-        dtype=m.dtype,
-        drop_path=m.drop_path,
-        remat=m.remat,
-    )
-    heads = build_heads(c)
+    model, heads = build_model(c)
     crops = crop_options(c, model.patch_size)
-    schedules = schedules_lib.make_schedules(c.ssl, 1000, 100)
-    shapes = jax.eval_shape(lambda: _student_shapes(model, heads, crops.global_size))
-    tx = schedules_lib.make_optimizer(c.ssl, schedules, shapes, 100)
-    rng = jax.random.key(0)
-    state, shardings, _ = init_state(c, model, heads, tx, mesh, rng)
-    mean, std = (jnp.asarray(v) for v in steps.input_stats(c.input.normalization, c.model.variant))
-    data = sharding.data_sharding(mesh)
-    step = jax.jit(
-        make_ssl_step(model, heads, tx, schedules, crops, c.ssl, mean, std, rng),
-        in_shardings=(shardings, data),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    setup = build_step(c, model, heads, crops, mesh, jax.random.key(0), 1000, 100)
+    state, step = setup.state, setup.step
     b, g, size = c.batch_size, crops.global_size, crops.local_size
     host = np.random.default_rng(0)
     patches = (g // model.patch_size) ** 2
@@ -182,7 +158,7 @@ def ssl_step(args) -> dict:
         "local": host.integers(0, 256, (b, crops.num_local, size, size), np.uint8),
         "mask": host.random((b, 2, patches)) < 0.3,
     }
-    batch = jax.device_put(batch, data)
+    batch = jax.device_put(batch, sharding.data_sharding(mesh))
     compiled = step.lower(state, batch).compile()
     cost = compiled.cost_analysis() or {}
     state, metrics = step(state, batch)

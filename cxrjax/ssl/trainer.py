@@ -1,8 +1,8 @@
 """The SSL trainer: unlabeled shards -> multi-crop batches -> jitted, sharded DINOv2 steps.
 
 `pretrain` reads top to bottom in the phases of a run over the same `engine.run` pieces as the
-fine-tuning trainer (run directory, restore, step loop): mesh, model, data, state, step,
-restore, loop, summary. The run directory is a
+fine-tuning trainer (run directory, restore, step loop): mesh, model, data, state and
+step, restore, loop, summary. The run directory is a
 fine-tuning starting point as it is: besides `checkpoints/` (student, teacher, heads and
 optimizer state, with the data-iterator state) it holds the teacher backbone as `best/`
 (orbax, item "params", read by `tools/convert_checkpoint.py`) and as converted weights
@@ -13,8 +13,9 @@ optimizer state, with the data-iterator state) it holds the teacher backbone as 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,21 +110,7 @@ def _pretrain(
     data_sharding = sharding.data_sharding(mesh)
 
     # ---------------------------------------------------------------- model
-    m = config.model
-    model = create_model(
-        m.variant,
-        0,
-        image_size=config.crops.global_size,
-        dtype=m.dtype,
-        drop_path=m.drop_path,
-        remat=m.remat,
-    )
-    if not model.class_token:
-        raise ConfigError(
-            f"{m.variant} has no CLS token; the DINO loss needs one",
-            "Use a ViT with a CLS token (DINOv2, DINOv3, AugReg, vit_tiny_demo).",
-        )
-    heads = build_heads(config)
+    model, heads = build_model(config)
 
     # ---------------------------------------------------------------- data
     crops = crop_options(config, model.patch_size)
@@ -152,27 +139,15 @@ def _pretrain(
         f"({total_steps / data_steps:.1f} passes over the {data_steps * config.batch_size} images)"
     )
 
-    # ---------------------------------------------------------------- state
+    # ---------------------------------------------------------------- state and step
     rng = jax.random.key(config.seed)
-    schedules = schedules_lib.make_schedules(config.ssl, total_steps, steps_per_epoch)
-    state_shapes = jax.eval_shape(lambda: _student_shapes(model, heads, crops.global_size))
-    tx = schedules_lib.make_optimizer(config.ssl, schedules, state_shapes, steps_per_epoch)
-    state, state_shardings, report = init_state(config, model, heads, tx, mesh, rng)
-    if report:
-        console.say(report)
+    setup = build_step(config, model, heads, crops, mesh, rng, total_steps, steps_per_epoch)
+    state, state_shardings, ssl_step = setup.state, setup.shardings, setup.step
+    mean, std = setup.mean, setup.std
+    if setup.report:
+        console.say(setup.report)
     count = sum(x.size for x in jax.tree.leaves(state["student"]))
     console.say(f"student: {count:,} parameters (backbone, heads, mask token); teacher: EMA")
-
-    # ---------------------------------------------------------------- step
-    mean, std = (jnp.asarray(v) for v in steps.input_stats(config.input.normalization, m.variant))
-    ssl_step = jax.jit(
-        make_ssl_step(
-            model, heads, tx, schedules, crops, config.ssl, mean, std, jax.random.fold_in(rng, 1)
-        ),
-        in_shardings=(state_shardings, data_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
 
     # ---------------------------------------------------------------- restore
     train_iter = iter(loader)
@@ -223,6 +198,62 @@ def _pretrain(
     if run.primary:
         run.dir.write_results(results)
     return results
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
+    """The headless ViT the student and teacher share, and the DINO/iBOT heads."""
+    m = config.model
+    model = create_model(
+        m.variant,
+        0,
+        image_size=config.crops.global_size,
+        dtype=m.dtype,
+        drop_path=m.drop_path,
+        remat=m.remat,
+    )
+    if not model.class_token:
+        raise ConfigError(
+            f"{m.variant} has no CLS token; the DINO loss needs one",
+            "Use a ViT with a CLS token (DINOv2, DINOv3, AugReg, vit_tiny_demo).",
+        )
+    return model, build_heads(config)
+
+
+class StepSetup(NamedTuple):
+    state: dict
+    shardings: dict
+    step: Callable[[dict, dict], tuple[dict, dict]]
+    mean: jax.Array
+    std: jax.Array
+    report: str | None
+
+
+def build_step(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    heads: dict,
+    crops: multicrop.CropOptions,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> StepSetup:
+    """Schedules, optimizer, the sharded initial state and the jitted step that donates it."""
+    schedules = schedules_lib.make_schedules(config.ssl, total_steps, steps_per_epoch)
+    state_shapes = jax.eval_shape(lambda: _student_shapes(model, heads, crops.global_size))
+    tx = schedules_lib.make_optimizer(config.ssl, schedules, state_shapes, steps_per_epoch)
+    state, state_shardings, report = init_state(config, model, heads, tx, mesh, rng)
+    stats = steps.input_stats(config.input.normalization, config.model.variant)
+    mean, std = (jnp.asarray(v) for v in stats)
+    ssl_step = jax.jit(
+        make_ssl_step(
+            model, heads, tx, schedules, crops, config.ssl, mean, std, jax.random.fold_in(rng, 1)
+        ),
+        in_shardings=(state_shardings, sharding.data_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return StepSetup(state, state_shardings, ssl_step, mean, std, report)
 
 
 _REPORTED = (
