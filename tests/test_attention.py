@@ -41,3 +41,11 @@ def test_probs_are_the_weights_of_the_output():
     recomputed = np.einsum("bhts,bshd->bthd", probs, v)
     np.testing.assert_allclose(recomputed, dot_product_attention(q, k, v), atol=1e-6)
     assert np.abs(recomputed - v.mean(1, keepdims=True)).max() > 1e-2  # not uniform attention
+
+
+def test_an_unknown_implementation_is_a_config_error():
+    from cxrjax.errors import ConfigError
+
+    q, k, v = _inputs(1.0)
+    with pytest.raises(ConfigError, match="attention_impl"):
+        dot_product_attention(q, k, v, "flash")

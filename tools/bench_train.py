@@ -39,6 +39,7 @@ from cxrjax.engine import state as train_state
 from cxrjax.engine import step as steps
 from cxrjax.errors import ConfigError, run_main
 from cxrjax.models import flops_per_image, get_spec
+from cxrjax.models.attention import IMPLEMENTATIONS
 
 # Dense bf16 peak FLOP/s per device kind (vendor datasheets, no sparsity).
 PEAK_BF16 = {
@@ -291,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--remat", action="store_true")
     parser.add_argument(
         "--attention",
-        choices=["auto", "xla", "cudnn"],
+        choices=IMPLEMENTATIONS,
         default="auto",
         help="attention kernel: auto = cuDNN flash for bf16 on GPU, XLA otherwise",
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cxrjax.errors import ConfigError
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
@@ -24,6 +26,11 @@ def dot_product_attention(
     ``implementation="cudnn"`` calls cuDNN's fused kernel (GPU, bf16/fp16); "xla" computes it
     with ordinary operations, the scores and their sums in float32.
     """
+    if implementation not in ("xla", "cudnn"):
+        raise ConfigError(
+            f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}",
+            "Set config.model.attention_impl to auto, xla or cudnn.",
+        )
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
     scores = _scores(query, key)
