@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_train  # noqa: E402
 
+from cxrjax.errors import ConfigError  # noqa: E402
+
 
 def test_bench_train_runs_step_and_loop_on_cpu(capsys):
     result = bench_train.main(
@@ -39,3 +41,13 @@ def test_torch_side_runs_the_same_dtype_eager_on_cpu():
     assert result["ratio_vs_torch"] == pytest.approx(
         result["cxrjax"]["images_per_s"] / result["torch"]["images_per_s"]
     )
+    # Alternating rounds: every round is kept, the headline is each side's median round.
+    for side in ("cxrjax", "torch"):
+        rounds = result[side]["images_per_s_by_round"]
+        assert len(rounds) == 3 and result[side]["images_per_s"] == pytest.approx(sorted(rounds)[1])
+    assert len(result["ratio_vs_torch_by_round"]) == 3
+
+
+def test_zero_rounds_is_a_config_error():
+    with pytest.raises(ConfigError, match="--rounds 0"):
+        bench_train.main(["--model", "vit_tiny_demo", "--rounds", "0", "--no-loop"])

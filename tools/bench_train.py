@@ -1,6 +1,7 @@
 """Training throughput: the jitted, sharded train step alone, the full loop, and timm on one card.
 
-  python tools/bench_train.py --model vit_b16_in21k --batch 256 --steps 50 [--framework torch]
+  python tools/bench_train.py --model vit_b16_in21k --batch 256 --steps 50 [--rounds 3]
+      [--framework torch]
 
 Measures, on every local device:
 - step: cxrjax's train step (the one `cxrjax.engine.trainer` runs: bf16 compute, float32 AdamW
@@ -11,6 +12,9 @@ Measures, on every local device:
 - with --framework torch: timm's same architecture in the same dtype (bf16 autocast for
   --dtype bfloat16, plain float32 otherwise), torch.compile on CUDA and eager on CPU
   (--torch-mode), AdamW (fused on CUDA), in the same process, and the ratio cxrjax / PyTorch.
+Steps are timed in --rounds rounds of --steps, cxrjax and timm alternating round by round; the
+figures are each side's median round and the JSON keeps every round (on the 2-core CPU machine
+back-to-back runs of the old one-round form gave ratios of 0.97 and 0.76 for the same code).
 On an accelerator each measurement is appended to benchmarks/results/ as a new JSON file (device,
 driver, library versions, commit, command, figures). On CPU it is a smoke test of the same code.
 """
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,10 +79,15 @@ def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return c
 
 
-def _timed(run_step, state, batches, steps: int) -> tuple[float, object]:
-    """Seconds for `steps` steps after one compile+warm-up step; the state is threaded through."""
+def _warmed_up(run_step, state, batches) -> object:
+    """The state after one compile+warm-up step."""
     state, metrics = run_step(state, next(batches))
     jax.block_until_ready(metrics)
+    return state
+
+
+def _seconds(run_step, state, batches, steps: int) -> tuple[float, object]:
+    """Seconds for `steps` steps; the state is threaded through."""
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = run_step(state, next(batches))
@@ -119,41 +130,51 @@ def sharded_step(
     return step, state, mesh, data
 
 
-def bench_jax(args: argparse.Namespace) -> dict:
-    config = _config(args)
-    size = args.image_size or get_spec(args.model).image_size
-    total_steps = 2 * args.steps + 2
-    step, state, mesh, data = sharded_step(config, args.num_labels, size, total_steps)
-    host = np.random.default_rng(0)
-    batch = pipeline.to_device(
-        {
-            "image": host.integers(0, 256, (args.batch, size, size), np.uint8),
-            "labels": host.integers(0, 2, (args.batch, args.num_labels)).astype(np.float32),
-            "mask": np.ones((args.batch, args.num_labels), bool),
-        },
-        data,
-    )
+class JaxStep:
+    """cxrjax's train step on one device-resident synthetic batch, compiled and warmed up;
+    `time(steps)` runs `steps` more and returns their seconds."""
 
-    def repeat():
-        while True:
-            yield batch
+    def __init__(self, args: argparse.Namespace) -> None:
+        config = _config(args)
+        self.size = args.image_size or get_spec(args.model).image_size
+        total_steps = (args.rounds + 1) * args.steps + 2
+        self.step, state, _, self.data = sharded_step(
+            config, args.num_labels, self.size, total_steps
+        )
+        host = np.random.default_rng(0)
+        batch = pipeline.to_device(
+            {
+                "image": host.integers(0, 256, (args.batch, self.size, self.size), np.uint8),
+                "labels": host.integers(0, 2, (args.batch, args.num_labels)).astype(np.float32),
+                "mask": np.ones((args.batch, args.num_labels), bool),
+            },
+            self.data,
+        )
+        self.batches = itertools.repeat(batch)
+        self.state = _warmed_up(self.step, state, self.batches)
 
-    seconds, state = _timed(step, state, repeat(), args.steps)
-    rate = args.steps * args.batch / seconds
-    flops = 3 * flops_per_image(args.model, size, args.num_labels) * 1e9
-    device = jax.devices()[0]
-    peak = peak_flops(device)
-    stats = device.memory_stats() or {}
-    result = {
-        "images_per_s": rate,
-        "step_ms": 1000 * seconds / args.steps,
-        "train_gflops_per_image": flops / 1e9,
-        "mfu": rate * flops / (peak * jax.device_count()) if peak else None,
-        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
-    }
-    if args.loop:
+    def time(self, steps: int) -> float:
+        seconds, self.state = _seconds(self.step, self.state, self.batches, steps)
+        return seconds
+
+    def figures(self, args: argparse.Namespace, seconds: float) -> dict:
+        rate = args.steps * args.batch / seconds
+        flops = 3 * flops_per_image(args.model, self.size, args.num_labels) * 1e9
+        device = jax.devices()[0]
+        peak = peak_flops(device)
+        stats = device.memory_stats() or {}
+        return {
+            "images_per_s": rate,
+            "step_ms": 1000 * seconds / args.steps,
+            "train_gflops_per_image": flops / 1e9,
+            "mfu": rate * flops / (peak * jax.device_count()) if peak else None,
+            "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+        }
+
+    def loop(self, args: argparse.Namespace) -> dict:
+        """The same step fed by the grain pipeline from freshly written shards."""
         with tempfile.TemporaryDirectory() as tmp:
-            info = _write_shards(Path(tmp), size, args.num_labels, n=max(4 * args.batch, 512))
+            info = _write_shards(Path(tmp), self.size, args.num_labels, n=max(4 * args.batch, 512))
             loader = pipeline.train_loader(
                 info,
                 batch_size=args.batch,
@@ -161,11 +182,10 @@ def bench_jax(args: argparse.Namespace) -> dict:
                 seed=0,
                 worker_count=args.workers,
             )
-            batches = (b for b, _ in pipeline.prefetch_to_device(iter(loader), data))
-            loop_seconds, state = _timed(step, state, batches, args.steps)
-        result["loop_images_per_s"] = args.steps * args.batch / loop_seconds
-        result["loop_fraction_of_step"] = result["loop_images_per_s"] / rate
-    return result
+            batches = (b for b, _ in pipeline.prefetch_to_device(iter(loader), self.data))
+            self.state = _warmed_up(self.step, self.state, batches)
+            seconds, self.state = _seconds(self.step, self.state, batches, args.steps)
+        return {"loop_images_per_s": args.steps * args.batch / seconds}
 
 
 def _write_shards(directory: Path, size: int, num_labels: int, n: int) -> shards.DatasetInfo:
@@ -190,67 +210,86 @@ def _write_shards(directory: Path, size: int, num_labels: int, n: int) -> shards
     return shards.load_info(directory)
 
 
-def bench_torch(args: argparse.Namespace) -> dict:
+class TorchStep:
     """timm's same architecture, same batch and dtype: float32 runs plain, bfloat16 under
     autocast. `--torch-mode auto` compiles on CUDA only: on CPU torch.compile of a ViT step takes
-    many minutes (Inductor's C++ codegen) for no gain over eager at these sizes."""
-    import timm
-    import torch
+    many minutes (Inductor's C++ codegen) for no gain over eager at these sizes. Built and warmed
+    up (two steps) on construction; `time(steps)` runs `steps` more and returns their seconds."""
 
-    spec = get_spec(args.model)
-    size = args.image_size or spec.image_size
-    name = spec.sources.get("timm", "").split(".")[0]
-    if not name:
-        raise ConfigError(
-            f"{args.model} has no timm counterpart to compare with",
-            "Pick a --model whose registry entry names a timm source, e.g. vit_s16_in21k.",
+    def __init__(self, args: argparse.Namespace) -> None:
+        import timm
+        import torch
+
+        spec = get_spec(args.model)
+        size = args.image_size or spec.image_size
+        name = spec.sources.get("timm", "").split(".")[0]
+        if not name:
+            raise ConfigError(
+                f"{args.model} has no timm counterpart to compare with",
+                "Pick a --model whose registry entry names a timm source, e.g. vit_s16_in21k.",
+            )
+        self.torch = torch
+        self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.mode = (
+            args.torch_mode
+            if args.torch_mode != "auto"
+            else ("compile" if device == "cuda" else "eager")
         )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode = (
-        args.torch_mode
-        if args.torch_mode != "auto"
-        else ("compile" if device == "cuda" else "eager")
-    )
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=args.num_labels, img_size=size)
-    model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-    forward = torch.compile(model) if mode == "compile" else model
-    autocast = args.dtype != "float32"
-    images = torch.randint(0, 256, (args.batch, size, size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 2, (args.batch, args.num_labels), device=device).float()
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+        torch.manual_seed(0)
+        model = timm.create_model(
+            name, pretrained=False, num_classes=args.num_labels, img_size=size
+        )
+        model = model.to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+        forward = torch.compile(model) if self.mode == "compile" else model
+        self.autocast = autocast = args.dtype != "float32"
+        images = torch.randint(0, 256, (args.batch, size, size), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, 2, (args.batch, args.num_labels), device=device).float()
+        mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def step():
-        # As cxrjax's step: uint8 in, [0, 1], three channels, the weights' mean and std.
-        x = (images.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(forward(x).float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step():
+            # As cxrjax's step: uint8 in, [0, 1], three channels, the weights' mean and std.
+            x = (images.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(forward(x).float(), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {
-        "images_per_s": args.steps * args.batch / seconds,
-        "step_ms": 1000 * seconds / args.steps,
-        "mode": mode,
-        "dtype": "bfloat16 autocast" if autocast else "float32",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
+        self.step = step
+        self.versions = {"torch": torch.__version__, "timm": timm.__version__}
+        self.time(2)
+
+    def time(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def figures(self, args: argparse.Namespace, seconds: float) -> dict:
+        return {
+            "images_per_s": args.steps * args.batch / seconds,
+            "step_ms": 1000 * seconds / args.steps,
+            "mode": self.mode,
+            "dtype": "bfloat16 autocast" if self.autocast else "float32",
+            "threads": self.torch.get_num_threads(),
+            **self.versions,
+        }
+
+
+def timed_rounds(args: argparse.Namespace, runners: dict) -> dict[str, list[float]]:
+    """Seconds of `args.steps` steps per runner, `args.rounds` times, the runners alternating
+    round by round: a slow spell of a shared or throttled machine then falls on both sides
+    instead of on whichever ran during it, and the median drops the outlying round."""
+    seconds = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            seconds[name].append(runner.time(args.steps))
+    return seconds
 
 
 def _environment() -> dict:
@@ -285,7 +324,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_b16_in21k")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds, alternating cxrjax and timm; figures are the median round's",
+    )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--num-labels", type=int, default=14)
     parser.add_argument("--dtype", default="bfloat16")
@@ -312,15 +357,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        raise ConfigError(
+            f"--steps {args.steps} --rounds {args.rounds}: both must be at least 1",
+            "Pass e.g. --steps 8 --rounds 3.",
+        )
+    runners = {"cxrjax": JaxStep(args)}
+    if args.framework == "torch":
+        runners["torch"] = TorchStep(args)
+    seconds = timed_rounds(args, runners)
 
     result = {"model": args.model, "batch": args.batch, "steps": args.steps,
-              "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
-              **_environment(), "cxrjax": bench_jax(args)}  # fmt: skip
-    if args.framework == "torch":
-        result["torch"] = bench_torch(args)
+              "rounds": args.rounds, "dtype": args.dtype, "remat": args.remat,
+              "attention": args.attention, **_environment()}  # fmt: skip
+    for name, runner in runners.items():
+        result[name] = runner.figures(args, statistics.median(seconds[name]))
+        result[name]["images_per_s_by_round"] = [args.steps * args.batch / t for t in seconds[name]]
+    if args.loop:
+        j = result["cxrjax"]
+        j.update(runners["cxrjax"].loop(args))
+        j["loop_fraction_of_step"] = j["loop_images_per_s"] / j["images_per_s"]
+    if "torch" in result:
         result["ratio_vs_torch"] = (
             result["cxrjax"]["images_per_s"] / result["torch"]["images_per_s"]
         )
+        result["ratio_vs_torch_by_round"] = [t / j for j, t in zip(*seconds.values(), strict=True)]
     print(json.dumps(result, indent=2))
     if result["platform"] != "cpu" or args.save:
         args.results.mkdir(parents=True, exist_ok=True)
@@ -336,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         line += f"; full loop {100 * j['loop_fraction_of_step']:.1f}% of step"
     if "torch" in result:
         line += f"; timm: {result['torch']['images_per_s']:.1f} img/s; "
-        line += f"ratio {result['ratio_vs_torch']:.2f}"
+        line += f"ratio {result['ratio_vs_torch']:.2f} (median of {args.rounds} rounds)"
     print(line)
     return result
 
