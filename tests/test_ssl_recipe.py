@@ -128,6 +128,30 @@ def test_last_layer_stays_frozen_for_the_configured_steps():
     assert not np.array_equal(mlp[0], mlp[1])  # the rest of the head trains from step 0
 
 
+def test_heads_only_warmup_holds_the_backbone_and_mask_token():
+    ssl = _optimizer_config(freeze_prototypes_epochs=0, heads_only_epochs=2)
+    head = DINOHead(8, 16, 4)
+    params = {
+        "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
+        "backbone": {"w": jnp.ones(3)},
+        "mask_token": jnp.zeros(3),
+    }
+    sch = schedules.make_schedules(ssl, 10, 1)
+    tx = schedules.make_optimizer(ssl, sch, params, 1)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    history = [params]
+    for _ in range(4):
+        updates, state = tx.update(grads, state, history[-1])
+        history.append(jax.tree.map(lambda p, u: p + u, history[-1], updates))
+    for part in (lambda h: h["backbone"]["w"], lambda h: h["mask_token"]):
+        values = [np.asarray(part(h)) for h in history]
+        np.testing.assert_array_equal(values[0], values[2])  # steps 0 and 1: heads only
+        assert not np.array_equal(values[2], values[3])  # the backbone trains from step 2
+    mlp = [np.asarray(h["dino_head"]["mlp_0"]["kernel"]) for h in history]
+    assert not np.array_equal(mlp[0], mlp[1])  # the heads train from step 0
+
+
 def test_clipping_is_per_module():
     tx = schedules.clip_per_module(1.0)
     grads = {

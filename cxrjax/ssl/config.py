@@ -63,6 +63,9 @@ def ssl_base_config(experiment: str) -> ml_collections.ConfigDict:
     s.patch_embed_lr_mult = 0.2
     s.grad_clip = 3.0
     s.freeze_prototypes_epochs = 1.0
+    # Heads-only warmup: the backbone (and mask token) stay fixed for this many epochs while the
+    # random heads learn to read it; 0 (DINOv2's and RAD-DINO's recipes have no such phase).
+    s.heads_only_epochs = 0.0
     s.dino_weight = 1.0
     s.ibot_weight = 1.0
     s.koleo_weight = 0.1

@@ -85,6 +85,8 @@ def make_schedules(
 
 # The DINO head's last layer, frozen for `freeze_prototypes_epochs` (DINOv2's freeze_last_layer).
 LAST_LAYER = ("prototypes", "gain")
+# The student's parts a heads-only warmup (`heads_only_epochs`) holds still.
+BACKBONE = ("backbone", "mask_token")
 
 
 def _names(path: tuple) -> tuple[str, ...]:
@@ -150,10 +152,17 @@ class _State(NamedTuple):
 
 
 def scheduled_adamw_tail(
-    schedules: Schedules, scales: Any, freeze_prototypes_steps: int, freeze_gain: bool = False
+    schedules: Schedules,
+    scales: Any,
+    freeze_prototypes_steps: int,
+    freeze_gain: bool = False,
+    heads_only_steps: int = 0,
 ) -> optax.GradientTransformation:
     """After Adam: adds the scheduled decoupled weight decay, then scales by -lr per parameter.
-    `freeze_gain` keeps every head's `gain` where it is (DINOv1's norm_last_layer)."""
+    `freeze_gain` keeps every head's `gain` where it is (DINOv1's norm_last_layer);
+    `heads_only_steps` keeps the backbone and its mask token where they are for that many steps
+    (the heads train; Adam's moments of the frozen part still accumulate, as for the frozen
+    prototypes)."""
 
     def init(params):
         del params
@@ -162,6 +171,7 @@ def scheduled_adamw_tail(
     def update(updates, state, params):
         lr, wd = schedules.lr(state.count), schedules.wd(state.count)
         thaw = (state.count >= freeze_prototypes_steps).astype(jnp.float32)
+        thaw_backbone = (state.count >= heads_only_steps).astype(jnp.float32)
 
         def one(path, u, p, s):
             names = _names(path)
@@ -170,6 +180,8 @@ def scheduled_adamw_tail(
             factor = -lr * s * (thaw if names[-1] in LAST_LAYER else 1.0)
             if freeze_gain and names[-1] == "gain":
                 factor = 0.0
+            if names[0] in BACKBONE:
+                factor = factor * thaw_backbone
             return (factor * (u + decay * p)).astype(u.dtype)
 
         out = jax.tree_util.tree_map_with_path(one, updates, params, scales)
@@ -194,6 +206,7 @@ def make_optimizer(
             scales,
             round(ssl.freeze_prototypes_epochs * steps_per_epoch),
             ssl.get("freeze_gain", False),
+            round(ssl.get("heads_only_epochs", 0.0) * steps_per_epoch),
         ),
     ]
     return optax.chain(*parts)
