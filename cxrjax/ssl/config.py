@@ -62,6 +62,10 @@ def ssl_base_config(experiment: str) -> ml_collections.ConfigDict:
     s.layer_decay = 0.9
     s.patch_embed_lr_mult = 0.2
     s.grad_clip = 3.0
+    # Gradient accumulation: the step averages the gradients of this many micro-batches (rows
+    # j, j + k, ...), for a batch that does not fit at once; Sinkhorn-Knopp and KoLeo then see a
+    # micro-batch, so keep micro-batches in the hundreds.
+    s.accum_steps = 1
     s.freeze_prototypes_epochs = 1.0
     # Heads-only warmup: the backbone (and mask token) stay fixed for this many epochs while the
     # random heads learn to read it; 0 (DINOv2's and RAD-DINO's recipes have no such phase).

@@ -149,13 +149,15 @@ def make_ssl_step(
     base_rng: jax.Array,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """(state, batch) -> (state, metrics). A non-finite loss or gradient skips the update."""
-    loss_fn = make_loss(model, heads, crops, ssl, mean, std)
+    grad_fn = accumulated_value_and_grad(
+        make_loss(model, heads, crops, ssl, mean, std), ssl.get("accum_steps", 1)
+    )
 
     def ssl_step(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(base_rng, step)
         temp = schedules.teacher_temp(step)
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, parts), grads = grad_fn(
             state["student"], state["teacher"], batch, rng, temp, state.get("center")
         )
         new_centers = parts.pop(NEW_CENTERS, None)
@@ -191,6 +193,55 @@ def make_ssl_step(
         return new, metrics
 
     return ssl_step
+
+
+def accumulated_value_and_grad(loss_fn: Callable, accum_steps: int) -> Callable:
+    """`jax.value_and_grad(loss_fn, has_aux=True)` over `accum_steps` micro-batches of a batch:
+    micro-batch j takes rows j, j + k, ... (every device keeps an equal share of each) with rng
+    `fold_in(rng, j)`; loss, parts and gradients are the micro-batches' means, summed in the scan
+    carry so memory holds one gradient, not k. Sinkhorn-Knopp and KoLeo then see a micro-batch
+    (DINOv2's KoLeo is per GPU anyway); DINOv1 centres are updated once per micro-batch."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        return grad_fn
+
+    def run(student, teacher, batch, rng, temp, centers=None):
+        rows = {k: v.shape[0] for k, v in batch.items()}
+        if any(n % accum_steps for n in rows.values()):
+            raise ConfigError(
+                f"ssl.accum_steps={accum_steps} does not divide the batch ({rows})",
+                "Pick a batch_size (per process) that ssl.accum_steps divides.",
+            )
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(
+                0, 1
+            ),
+            batch,
+        )
+
+        def one(centers, j, chunk):
+            (loss, parts), grads = grad_fn(
+                student, teacher, chunk, jax.random.fold_in(rng, j), temp, centers
+            )
+            parts = dict(parts)
+            return parts.pop(NEW_CENTERS, centers), (loss, parts, grads)
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, shapes = jax.eval_shape(one, centers, 0, first)
+        zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
+
+        def body(carry, inputs):
+            centers, sums = carry
+            centers, values = one(centers, *inputs)
+            return (centers, jax.tree.map(jnp.add, sums, values)), None
+
+        (centers, sums), _ = jax.lax.scan(body, (centers, zeros), (jnp.arange(accum_steps), micro))
+        loss, parts, grads = jax.tree.map(lambda x: x / accum_steps, sums)
+        if centers is not None:
+            parts[NEW_CENTERS] = centers
+        return (loss, parts), grads
+
+    return run
 
 
 def make_loss(
