@@ -103,8 +103,9 @@ def _optimizer_config(**overrides) -> ml_collections.ConfigDict:
     )
 
 
-def test_last_layer_stays_frozen_for_the_configured_steps():
-    ssl = _optimizer_config(freeze_prototypes_epochs=2)
+def _four_optimizer_steps(ssl: ml_collections.ConfigDict) -> list[dict]:
+    """The student (a DINO head, a one-leaf backbone, a mask token) before and after each of
+    four optimizer steps with unit gradients."""
     head = DINOHead(8, 16, 4)
     params = {
         "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
@@ -119,6 +120,12 @@ def test_last_layer_stays_frozen_for_the_configured_steps():
     for _ in range(4):
         updates, state = tx.update(grads, state, history[-1])
         history.append(jax.tree.map(lambda p, u: p + u, history[-1], updates))
+    return history
+
+
+def test_last_layer_stays_frozen_for_the_configured_steps():
+    ssl = _optimizer_config(freeze_prototypes_epochs=2)
+    history = _four_optimizer_steps(ssl)
     for name in ("prototypes", "gain"):
         before = [np.asarray(h["dino_head"][name]) for h in history]
         np.testing.assert_array_equal(before[0], before[1])
@@ -130,20 +137,7 @@ def test_last_layer_stays_frozen_for_the_configured_steps():
 
 def test_heads_only_warmup_holds_the_backbone_and_mask_token():
     ssl = _optimizer_config(freeze_prototypes_epochs=0, heads_only_epochs=2)
-    head = DINOHead(8, 16, 4)
-    params = {
-        "dino_head": head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"],
-        "backbone": {"w": jnp.ones(3)},
-        "mask_token": jnp.zeros(3),
-    }
-    sch = schedules.make_schedules(ssl, 10, 1)
-    tx = schedules.make_optimizer(ssl, sch, params, 1)
-    state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    history = [params]
-    for _ in range(4):
-        updates, state = tx.update(grads, state, history[-1])
-        history.append(jax.tree.map(lambda p, u: p + u, history[-1], updates))
+    history = _four_optimizer_steps(ssl)
     for part in (lambda h: h["backbone"]["w"], lambda h: h["mask_token"]):
         values = [np.asarray(part(h)) for h in history]
         np.testing.assert_array_equal(values[0], values[2])  # steps 0 and 1: heads only
