@@ -41,7 +41,10 @@ class Checkpointer:
         self.latest = ocp.CheckpointManager(
             run.checkpoints,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                multiprocessing_options=_barriers_named("latest"),
             ),
             item_handlers={
                 # PyTree (not Standard) handler: it can restore the params alone (evaluation).
@@ -59,6 +62,7 @@ class Checkpointer:
                 keep_checkpoints_without_metrics=False,
                 enable_async_checkpointing=async_save,
                 create=True,
+                multiprocessing_options=_barriers_named("best"),
             ),
             item_handlers={"params": ocp.StandardCheckpointHandler()},
         )
@@ -138,6 +142,16 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _barriers_named(manager: str) -> ocp.options.MultiprocessingOptions:
+    """Cross-process barrier names of one manager.
+
+    orbax names an async save's commit barrier after the step directory, so `checkpoints/4`
+    and `best/4`, committed at the same time, would meet at one barrier: process 0 could then
+    finalize one save while process 1 is still writing it (a failed validation or a hang).
+    """
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=manager)
 
 
 def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -42,6 +42,63 @@ _WORKER = textwrap.dedent(
 )
 
 
+_SAVER = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, {root!r})
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{{port}}", num_processes=2, process_id=process_id
+    )
+    from cxrjax.checkpoint import Checkpointer
+    from cxrjax.run_dir import RunDir
+    replicated = jax.sharding.NamedSharding(
+        jax.make_mesh((jax.device_count(),), ("data",)), jax.sharding.PartitionSpec()
+    )
+    state = {{"w": jax.device_put(jnp.ones((64, 64)), replicated)}}
+    checkpointer = Checkpointer(RunDir(workdir))
+    for step in range(1, 9):
+        checkpointer.save(step, state, b'{{"step": 0}}')
+        checkpointer.save_best(step, state, float(step))
+    checkpointer.wait()
+    checkpointer.close()
+    """
+)
+
+
+def test_latest_and_best_saves_of_one_step_do_not_share_a_barrier(tmp_path):
+    """Both managers commit step N at once; one shared barrier name failed or hung at step 2."""
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER.format(root=str(ROOT)))
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port, str(tmp_path / "run")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir()) == [6, 7, 8]
+    assert [d.name for d in (tmp_path / "run" / "best").iterdir()] == ["8"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
