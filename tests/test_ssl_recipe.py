@@ -253,27 +253,37 @@ def test_gain_stays_at_one_when_frozen():
     assert not np.array_equal(new["dino_head"]["prototypes"], params["dino_head"]["prototypes"])
 
 
-def test_centering_step_updates_the_centres_from_the_teacher_scores(tiny):
+def _tiny_dino_ibot(tiny, centering: str, rows: int, mask_token: float):
+    """A 16-prototype DINO + iBOT setup on the tiny ViT: config, heads, student, teacher, batch."""
     from cxrjax.ssl.config import ssl_base_config
-    from cxrjax.ssl.step import NEW_CENTERS, build_heads, initial_centers, make_loss
-    from cxrjax.ssl.trainer import crop_options
+    from cxrjax.ssl.step import build_heads
 
     model, params = tiny
     c = ssl_base_config("t")
     c.crops.global_size, c.crops.local_size, c.crops.num_local = SIZE, 16, 1
     c.ssl.prototypes, c.ssl.head_hidden_dim, c.ssl.head_bottleneck_dim = 16, 16, 8
-    c.ssl.centering, c.ssl.center_momentum = "centering", 0.8
+    c.ssl.centering = centering
     heads = build_heads(c)
     head_params = heads["dino_head"].init(jax.random.key(1), jnp.zeros((1, model.width)))
     student = {"backbone": params, "dino_head": head_params["params"]}
-    student["mask_token"] = jnp.zeros((model.width,))
+    student["mask_token"] = jnp.full((model.width,), mask_token)
     teacher = {k: v for k, v in student.items() if k != "mask_token"}
     rng = np.random.default_rng(0)
     batch = {
-        "global": jnp.asarray(rng.integers(0, 255, (3, 2, SIZE, SIZE)), jnp.uint8),
-        "local": jnp.asarray(rng.integers(0, 255, (3, 1, 16, 16)), jnp.uint8),
-        "mask": jnp.asarray(rng.random((3, 2, 16)) < 0.3),
+        "global": jnp.asarray(rng.integers(0, 255, (rows, 2, SIZE, SIZE)), jnp.uint8),
+        "local": jnp.asarray(rng.integers(0, 255, (rows, 1, 16, 16)), jnp.uint8),
+        "mask": jnp.asarray(rng.random((rows, 2, 16)) < 0.3),
     }
+    return c, heads, student, teacher, batch
+
+
+def test_centering_step_updates_the_centres_from_the_teacher_scores(tiny):
+    from cxrjax.ssl.step import NEW_CENTERS, initial_centers, make_loss
+    from cxrjax.ssl.trainer import crop_options
+
+    model, _ = tiny
+    c, heads, student, teacher, batch = _tiny_dino_ibot(tiny, "centering", rows=3, mask_token=0.0)
+    c.ssl.center_momentum = 0.8
     mean, std = jnp.zeros(3), jnp.ones(3)
     centers = initial_centers(c.ssl)
     assert set(centers) == {"dino", "ibot"}
@@ -301,32 +311,16 @@ def test_centering_step_updates_the_centres_from_the_teacher_scores(tiny):
 def test_accumulation_averages_the_interleaved_micro_batches(tiny, centering):
     """ssl.accum_steps=2: loss, parts and gradients are the means over rows 0, 2 and rows 1, 3
     (each with its own rng), and DINOv1 centres pass from the first micro-batch to the second."""
-    from cxrjax.ssl.config import ssl_base_config
     from cxrjax.ssl.step import (
         NEW_CENTERS,
         accumulated_value_and_grad,
-        build_heads,
         initial_centers,
         make_loss,
     )
     from cxrjax.ssl.trainer import crop_options
 
-    model, params = tiny
-    c = ssl_base_config("t")
-    c.crops.global_size, c.crops.local_size, c.crops.num_local = SIZE, 16, 1
-    c.ssl.prototypes, c.ssl.head_hidden_dim, c.ssl.head_bottleneck_dim = 16, 16, 8
-    c.ssl.centering = centering
-    heads = build_heads(c)
-    head_params = heads["dino_head"].init(jax.random.key(1), jnp.zeros((1, model.width)))
-    student = {"backbone": params, "dino_head": head_params["params"]}
-    student["mask_token"] = jnp.full((model.width,), 0.1)
-    teacher = {k: v for k, v in student.items() if k != "mask_token"}
-    rng = np.random.default_rng(0)
-    batch = {
-        "global": jnp.asarray(rng.integers(0, 255, (4, 2, SIZE, SIZE)), jnp.uint8),
-        "local": jnp.asarray(rng.integers(0, 255, (4, 1, 16, 16)), jnp.uint8),
-        "mask": jnp.asarray(rng.random((4, 2, 16)) < 0.3),
-    }
+    model, _ = tiny
+    c, heads, student, teacher, batch = _tiny_dino_ibot(tiny, centering, rows=4, mask_token=0.1)
     loss_fn = make_loss(model, heads, crop_options(c, 8), c.ssl, jnp.zeros(3), jnp.ones(3))
     centers = initial_centers(c.ssl) if centering == "centering" else None
     key = jax.random.key(3)
