@@ -66,6 +66,16 @@ def update_if_finite(finite: jax.Array, update: Callable[[dict], dict], state: d
     return jax.lax.cond(finite, update, lambda state: state, state)
 
 
+def interleaved_micro_batches(batch: Any, accum_steps: int) -> Any:
+    """`batch` with a leading micro-batch axis of `accum_steps`: micro-batch j takes rows j,
+    j + k, ..., so every device keeps an equal share of each (a contiguous split would hand
+    whole micro-batches to some devices)."""
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+        batch,
+    )
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -105,13 +115,7 @@ def make_train_step(
         return jax.value_and_grad(loss_fn)(params)
 
     def accumulated(params, batch, rng):
-        # Micro-batch j takes rows j, j + k, ...: every device keeps an equal share of each.
-        micro = jax.tree.map(
-            lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(
-                0, 1
-            ),
-            batch,
-        )
+        micro = interleaved_micro_batches(batch, accum_steps)
 
         def body(carry, inputs):
             loss_sum, grad_sum = carry

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from cxrjax import sharding
-from cxrjax.engine.step import normalize, update_if_finite
+from cxrjax.engine.step import interleaved_micro_batches, normalize, update_if_finite
 from cxrjax.errors import ConfigError
 from cxrjax.models.pretrained import load_pretrained
 from cxrjax.models.weights import flatten, read_weights, unflatten
@@ -212,12 +212,7 @@ def accumulated_value_and_grad(loss_fn: Callable, accum_steps: int) -> Callable:
                 f"ssl.accum_steps={accum_steps} does not divide the batch ({rows})",
                 "Pick a batch_size (per process) that ssl.accum_steps divides.",
             )
-        micro = jax.tree.map(
-            lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(
-                0, 1
-            ),
-            batch,
-        )
+        micro = interleaved_micro_batches(batch, accum_steps)
 
         def one(centers, j, chunk):
             (loss, parts), grads = grad_fn(
